@@ -1,0 +1,36 @@
+# mgrpo_fast developer tasks. `make test` is what CI runs (.ci/run).
+PY ?= python3
+VENV ?= .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint clean
+
+# The virtualenv with mgrpo_fast installed in editable mode (+ dev tools). Rebuilt when the build
+# files or the C++ sources change. torch comes first, from the pinned CPU wheel, unless the venv
+# already has one.
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --upgrade pip
+	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/python -m pip install torch==2.13.0
+	$(VENV)/bin/python -m pip install -e ".[dev]"
+	touch $@
+
+# Run the test suite; the C++ extension must be built. pytest's exit code 5 (no tests collected)
+# counts as a failure: a run that tests nothing is broken.
+test: $(STAMP)
+	@MGRPO_FAST_REQUIRE_EXT=1 $(VENV)/bin/python -m pytest tests -q -x -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; the test run is broken" >&2; exit 1; fi; \
+	exit $$rc
+
+# Run the small end-to-end demo.
+demo: $(STAMP)
+	$(VENV)/bin/python -m mgrpo_fast.demo
+
+# Lint with ruff (config in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/python -m ruff check .
+
+# Remove build outputs and caches (keeps the venv, but forces a reinstall on the next target).
+clean:
+	rm -rf build *.egg-info .pytest_cache .hypothesis mgrpo_fast/_C*.so mgrpo_fast/_C*.pyd $(STAMP)
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

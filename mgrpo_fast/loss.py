@@ -1,0 +1,375 @@
+"""The clipped GRPO loss: on given log-probs (``grpo_loss``) or fused with the lm_head
+(``fused_linear_grpo_loss``, which never materializes the ``[tokens x vocab]`` logits).
+
+Both accept two layouts:
+
+* padded: token tensors ``(B, T)``, ``hidden (B, T, H)``, ``mask (B, T)``, ``advantages (B,)`` or ``(B, T)``;
+* packed: token tensors ``(N,)``, ``hidden (N, H)``, ``cu_seqlens (S+1,)`` int32 sequence
+  boundaries, ``mask (N,)``, ``advantages (S,)`` or ``(N,)``.
+
+The formulas of every loss type are in ``reference.grpo_loss_ref`` (the executable spec) and the
+README. Internally both layouts become flat rows plus a ``SequenceLayout``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layout import SequenceLayout
+from .logprobs import linear_logprobs_with_lse
+from .reference import IMPORTANCE_SAMPLING_LEVELS, KL_ESTIMATORS, LOSS_TYPES, kl_ref
+from .validation import (
+    check_choice,
+    check_finite,
+    check_float,
+    check_non_negative,
+    check_positive,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossOptions:
+    """Options of the GRPO objective (same names and meanings as TRL's ``GRPOConfig`` and Liger).
+
+    Attributes:
+        loss_type: ``grpo | bnpo | dr_grpo | dapo | cispo`` (reduction and surrogate; see README).
+        epsilon_low: lower clip, ratio >= 1 - epsilon_low.
+        epsilon_high: upper clip, ratio <= 1 + epsilon_high; for ``cispo`` the absolute cap of the
+            detached IS weight (e.g. 5.0).
+        delta: dual-clip bound on the unclipped branch (``min(ratio, delta)``), > 1; None = off.
+        beta: KL weight; 0 skips the reference model entirely.
+        kl_estimator: ``k1 | k2 | k3`` estimator of KL(policy || reference).
+        importance_sampling_level: ``token`` (PPO/GRPO) or ``sequence`` (GSPO: the ratio is the
+            exp of the masked mean log-ratio of the sequence).
+        max_completion_length: the ``L`` of ``dr_grpo``'s ``B * L`` normalizer; None = the
+            longest sequence of the batch (``T`` when padded).
+    """
+
+    loss_type: str = "dapo"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: float | None = None
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+    importance_sampling_level: str = "token"
+    max_completion_length: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+        check_non_negative("epsilon_low", self.epsilon_low)
+        check_non_negative("epsilon_high", self.epsilon_high)
+        check_non_negative("beta", self.beta)
+        if self.loss_type != "cispo" and self.epsilon_low >= 1.0:
+            raise ValueError(f"epsilon_low: expected a value in [0, 1), got {self.epsilon_low!r}")
+        if self.delta is not None and not (isinstance(self.delta, (int, float)) and self.delta > 1.0):
+            raise ValueError(
+                f"delta: expected None or a number > 1 (the dual-clip bound), got {self.delta!r}"
+            )
+        if self.max_completion_length is not None:
+            check_positive("max_completion_length", self.max_completion_length)
+
+
+@dataclass(frozen=True)
+class FlatBatch:
+    """A batch in flat-row form: ``mask (N,)`` float, ``advantages (S,)`` or ``(N,)``."""
+
+    layout: SequenceLayout
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    advantages_per_seq: bool
+
+
+def flatten_batch(
+    token_shape: torch.Size,
+    token_name: str,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    device: torch.device,
+) -> FlatBatch:
+    """Validate the layout of a batch whose token tensors have ``token_shape`` and flatten it."""
+    check_float("advantages", advantages)
+    check_finite("advantages", advantages)
+    if cu_seqlens is None:
+        if len(token_shape) != 2:
+            raise ValueError(
+                f"{token_name}: expected (B, T) for the padded layout (or pass cu_seqlens for the "
+                f"packed layout (N,)), got shape {tuple(token_shape)}"
+            )
+        batch, length = token_shape
+        layout = SequenceLayout.padded(batch, length, device)
+        per_seq_shape, seq_symbols = (batch,), "(B,)"
+    else:
+        check_tensor("cu_seqlens", cu_seqlens)
+        if len(token_shape) != 1:
+            raise ValueError(
+                f"{token_name}: expected (N,) for the packed layout (cu_seqlens given), "
+                f"got shape {tuple(token_shape)}"
+            )
+        check_same_device(token_name, torch.empty(0, device=device), cu_seqlens=cu_seqlens)
+        layout = SequenceLayout.packed(cu_seqlens, token_shape[0])
+        per_seq_shape, seq_symbols = (layout.num_seqs,), "(S,)"
+
+    check_same_device(token_name, torch.empty(0, device=device), advantages=advantages, mask=mask)
+    if tuple(advantages.shape) == tuple(token_shape):
+        adv, per_seq = advantages.reshape(-1), False
+    elif tuple(advantages.shape) == per_seq_shape:
+        adv, per_seq = advantages, True
+    else:
+        raise ValueError(
+            f"advantages: expected {seq_symbols} = {per_seq_shape} per sequence or {tuple(token_shape)} "
+            f"per token, got {tuple(advantages.shape)}"
+        )
+    if mask is None:
+        flat_mask = torch.ones(layout.num_tokens, device=device)
+    else:
+        check_tensor("mask", mask)
+        check_shape("mask", mask, token_shape, "like the token tensors")
+        flat_mask = mask.reshape(-1).to(torch.float32 if not mask.is_floating_point() else mask.dtype)
+        check_finite("mask", flat_mask)
+    return FlatBatch(layout=layout, mask=flat_mask, advantages=adv, advantages_per_seq=per_seq)
+
+
+def _check_token_tensor(
+    name: str, t: torch.Tensor | None, token_shape: torch.Size, device: torch.device
+) -> None:
+    if t is None:
+        return
+    check_float(name, t)
+    check_shape(name, t, token_shape, "like the token tensors")
+    check_same_device("the token tensors", torch.empty(0, device=device), **{name: t})
+
+
+def grpo_objective(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    batch: FlatBatch,
+    options: LossOptions,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss on flat rows: ``logp/old_logp/ref_logp/entropy (N,)``. Returns ``(loss, metrics)``.
+
+    Log-ratios are zeroed outside the mask before ``exp``, so garbage in padded positions of
+    ``old_logp``/``ref_logp`` (common in padded batches) can never turn into ``inf * 0 = NaN``.
+    """
+    o, lay = options, batch.layout
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    logp = logp.to(dtype)
+    m = batch.mask.to(dtype)
+    active = m != 0
+    zero = logp.new_zeros(())
+    old = logp.detach() if old_logp is None else old_logp.to(dtype)
+    log_ratio = torch.where(active, logp - old, zero)
+    tokens_per_seq = lay.segment_sum(m)
+
+    per_seq_metrics = o.importance_sampling_level == "sequence" and batch.advantages_per_seq
+    if o.importance_sampling_level == "sequence":
+        seq_ratio = torch.exp(lay.segment_sum(log_ratio * m) / tokens_per_seq.clamp(min=1.0))
+        ratio = lay.per_token(seq_ratio)
+    else:
+        ratio = torch.exp(log_ratio)
+    adv_seq = batch.advantages.to(dtype)
+    adv = lay.per_token(adv_seq) if batch.advantages_per_seq else adv_seq
+
+    def clip_flags(r: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if o.loss_type == "cispo":
+            high = (r > o.epsilon_high) & (a > 0)
+            return torch.zeros_like(high), high
+        return (r < 1.0 - o.epsilon_low) & (a < 0), (r > 1.0 + o.epsilon_high) & (a > 0)
+
+    if o.loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=o.epsilon_high).detach() * adv * logp
+    else:
+        clipped = torch.clamp(ratio, 1.0 - o.epsilon_low, 1.0 + o.epsilon_high)
+        unclipped = ratio if o.delta is None else torch.clamp(ratio, max=o.delta)
+        per_token = -torch.minimum(unclipped * adv, clipped * adv)
+
+    kl = None
+    if ref_logp is not None:
+        kl = kl_ref(logp, torch.where(active, ref_logp.to(dtype), logp.detach()), o.kl_estimator)
+    if o.beta != 0.0:
+        if kl is None:
+            raise ValueError(f"ref_logp: required when beta != 0 (beta={o.beta}); pass reference log-probs")
+        per_token = per_token + o.beta * kl
+
+    masked = per_token * m
+    num_seqs = max(lay.num_seqs, 1)
+    tokens = m.sum().clamp(min=1.0)
+    if o.loss_type == "grpo":
+        loss = (lay.segment_sum(masked) / tokens_per_seq.clamp(min=1.0)).sum() / num_seqs
+    elif o.loss_type == "dr_grpo":
+        length = o.max_completion_length or lay.max_len
+        loss = masked.sum() / (num_seqs * max(length, 1))
+    else:  # bnpo, dapo, cispo: token mean over the whole batch
+        loss = masked.sum() / tokens
+
+    def token_mean(x: torch.Tensor) -> torch.Tensor:
+        return (x.detach().to(dtype) * m).sum() / tokens
+
+    def seq_mean(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().to(dtype).mean() if lay.num_seqs else zero
+
+    # Sequence-level quantities (the GSPO ratio, and its clip flags when advantages are per
+    # sequence) are averaged over sequences, token-level ones over masked tokens, as TRL does.
+    with torch.no_grad():
+        if per_seq_metrics:
+            low, high = clip_flags(seq_ratio, adv_seq)
+            flag_mean = seq_mean
+        else:
+            low, high = clip_flags(ratio, adv)
+            flag_mean = token_mean
+        metrics = {
+            "ratio": seq_mean(seq_ratio) if o.importance_sampling_level == "sequence" else token_mean(ratio),
+            "clip_ratio/low_mean": flag_mean(low),
+            "clip_ratio/high_mean": flag_mean(high),
+            "clip_ratio/region_mean": flag_mean(low | high),
+        }
+        if kl is not None:
+            metrics["kl"] = token_mean(kl)
+        if entropy is not None:
+            metrics["entropy"] = token_mean(entropy)
+    return loss, metrics
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    loss_type: str = "dapo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    delta: float | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped GRPO loss on per-token log-probs.
+
+    Args:
+        logp: ``(B, T)`` padded or ``(N,)`` packed log-probs of the current policy (differentiable).
+        old_logp: like ``logp``, from the sampling policy; ``None`` = on-policy (ratio exactly 1).
+        ref_logp: like ``logp``, from the frozen reference; needed when ``beta != 0``.
+        advantages: ``(B,)``/``(S,)`` per sequence or like ``logp`` per token. Must be finite.
+        mask: like ``logp``; 1 where the token carries the loss. ``None`` = all tokens.
+        cu_seqlens: ``(S+1,)`` int sequence boundaries: selects the packed layout.
+        entropy: optional, like ``logp``; reported as the ``entropy`` metric.
+        loss_type, epsilon_low, epsilon_high, delta, beta, kl_estimator, importance_sampling_level,
+        max_completion_length: see ``LossOptions``.
+
+    Returns:
+        ``(loss, metrics)``: a 0-dim loss (fp32, or fp64 for fp64 inputs) and a dict of detached
+        0-dim tensors: ``ratio``, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+        ``clip_ratio/region_mean``, ``kl`` (when ``ref_logp`` is given), ``entropy`` (when given).
+    """
+    options = LossOptions(
+        loss_type=loss_type,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        delta=delta,
+        beta=beta,
+        kl_estimator=kl_estimator,
+        importance_sampling_level=importance_sampling_level,
+        max_completion_length=max_completion_length,
+    )
+    check_float("logp", logp)
+    batch = flatten_batch(logp.shape, "logp", advantages, mask, cu_seqlens, logp.device)
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy)):
+        _check_token_tensor(name, t, logp.shape, logp.device)
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    return grpo_objective(flat(logp), flat(old_logp), flat(ref_logp), batch, options, flat(entropy))
+
+
+def fused_linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    loss_type: str = "dapo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    delta: float | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    chunk_size: int | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """lm_head + log-softmax + clipped GRPO loss in one pass, never materializing the logits.
+
+    Only rows with a non-zero ``mask`` are computed (prompt and padding rows cost nothing).
+
+    Args:
+        hidden: ``(B, T, H)`` padded or ``(N, H)`` packed final hidden states (differentiable).
+        weight: ``(V, H)`` lm_head weight (differentiable); ``bias``: optional ``(V,)``.
+        targets: ``(B, T)`` or ``(N,)`` int ids of the sampled tokens, in ``[0, V)`` where masked in.
+        advantages, mask, cu_seqlens, old_logp, ref_logp: as in ``grpo_loss`` (token tensors
+            shaped like ``targets``).
+        temperature: the sampling temperature; logits are divided by it.
+        chunk_size: rows per logits block of the torch path.
+        impl: ``"auto" | "torch" | "triton"`` for the log-prob computation.
+
+    Returns:
+        ``(loss, metrics)`` as ``grpo_loss``, with the ``entropy`` metric always present.
+    """
+    options = LossOptions(
+        loss_type=loss_type,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        delta=delta,
+        beta=beta,
+        kl_estimator=kl_estimator,
+        importance_sampling_level=importance_sampling_level,
+        max_completion_length=max_completion_length,
+    )
+    check_tensor("targets", targets)
+    check_tensor("hidden", hidden)
+    if hidden.shape[:-1] != targets.shape or hidden.dim() != targets.dim() + 1:
+        raise ValueError(
+            f"hidden: expected shape targets.shape + (H,) = {tuple(targets.shape)} + (H,), "
+            f"got {tuple(hidden.shape)}"
+        )
+    batch = flatten_batch(targets.shape, "targets", advantages, mask, cu_seqlens, targets.device)
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        _check_token_tensor(name, t, targets.shape, targets.device)
+    if options.beta != 0.0 and ref_logp is None:
+        raise ValueError(f"ref_logp: required when beta != 0 (beta={options.beta}); pass reference log-probs")
+
+    rows = torch.nonzero(batch.mask, as_tuple=True)[0]
+    logp_rows, entropy_rows, _ = linear_logprobs_with_lse(
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        temperature=temperature,
+        row_index=rows,
+        chunk_size=chunk_size,
+        impl=impl,
+    )
+    num_tokens = batch.layout.num_tokens
+    # Back to all N rows (masked-out rows hold 0 and are ignored by the objective).
+    logp = logp_rows.new_zeros(num_tokens).index_copy(0, rows, logp_rows)
+    entropy = entropy_rows.detach().new_zeros(num_tokens).index_copy(0, rows, entropy_rows.detach())
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    return grpo_objective(logp, flat(old_logp), flat(ref_logp), batch, options, entropy)

@@ -1,0 +1,144 @@
+"""Thin ``nn.Module`` wrappers over the functional API.
+
+``GRPOLoss`` is a drop-in replacement for Liger-Kernel's ``LigerFusedLinearGRPOLoss``: the same
+constructor options and forward arguments and the same return value, so code written for Liger
+(TRL's ``use_liger_kernel`` path included) works by swapping the class.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .logprobs import linear_logprobs
+from .loss import LossOptions, fused_linear_grpo_loss
+
+
+class GRPOLoss(nn.Module):
+    """Fused lm_head + GRPO loss holding its options (Liger-compatible).
+
+    Args:
+        beta: KL weight (Liger's default 0.04). With ``beta != 0`` the forward needs reference
+            log-probs, or ``ref_input``/``ref_weight`` to compute them (when ``use_ref_model``).
+        compiled, chunk_size: accepted for Liger compatibility. ``chunk_size`` here is rows per
+            logits block of the torch path (Liger's counts sequences); ``compiled`` has no effect.
+        use_ref_model: compute reference log-probs from ``ref_input``/``ref_weight`` when given.
+        epsilon_low, epsilon_high, loss_type, max_completion_length, importance_sampling_level,
+        delta: see ``LossOptions``.
+        temperature: logits are divided by it.
+        kl_estimator: ``k1 | k2 | k3`` (extension; Liger uses k3).
+        impl: ``"auto" | "torch" | "triton"``.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.04,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        chunk_size: int = 1,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        loss_type: str = "dapo",
+        max_completion_length: int | None = None,
+        importance_sampling_level: str = "token",
+        temperature: float = 1.0,
+        delta: float | None = None,
+        kl_estimator: str = "k3",
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.options = LossOptions(
+            loss_type=loss_type,
+            epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high,
+            delta=delta,
+            beta=beta,
+            kl_estimator=kl_estimator,
+            importance_sampling_level=importance_sampling_level,
+            max_completion_length=max_completion_length,
+        )
+        self.beta = beta
+        self.compiled = compiled
+        self.use_ref_model = use_ref_model
+        self.chunk_size = chunk_size
+        self.temperature = temperature
+        self.impl = impl
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return f"loss_type={o.loss_type!r}, beta={o.beta}, epsilon=({o.epsilon_low}, {o.epsilon_high})"
+
+    def forward(
+        self,
+        _input: torch.Tensor,
+        lin_weight: torch.Tensor,
+        selected_token_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        advantages: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        ref_per_token_logps: torch.Tensor | None = None,
+        old_per_token_logps: torch.Tensor | None = None,
+        ref_input: torch.Tensor | None = None,
+        ref_weight: torch.Tensor | None = None,
+        ref_bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Liger's forward.
+
+        Args:
+            _input: ``(B, T, H)`` (or ``(B*T, H)``) last hidden states of the completion tokens.
+            lin_weight: ``(V, H)``; ``bias``: optional ``(V,)``.
+            selected_token_ids: ``(B, T)`` sampled token ids.
+            attention_mask: ``(B, T)`` completion mask.
+            advantages: ``(B,)`` or ``(B, T)``.
+            ref_per_token_logps, old_per_token_logps: optional ``(B, T)``.
+            ref_input, ref_weight, ref_bias: reference model's hidden states and head; its
+                log-probs are computed without gradient when ``ref_per_token_logps`` is None.
+
+        Returns:
+            ``(loss, (mean_kl, clip_ratio))`` when ``beta != 0``, else ``(loss, (clip_ratio,))``,
+            where ``clip_ratio`` is the fraction of masked tokens clipped (either side).
+        """
+        hidden = _input
+        if hidden.dim() == 2 and selected_token_ids.dim() == 2:
+            hidden = hidden.reshape(*selected_token_ids.shape, hidden.shape[-1])
+        ref_logp = ref_per_token_logps
+        if ref_logp is None and self.use_ref_model and ref_input is not None and self.options.beta != 0.0:
+            if ref_weight is None:
+                raise ValueError("ref_weight: required with ref_input to compute reference log-probs")
+            ref_hidden = ref_input
+            if ref_hidden.dim() == 2 and selected_token_ids.dim() == 2:
+                ref_hidden = ref_hidden.reshape(*selected_token_ids.shape, ref_hidden.shape[-1])
+            with torch.no_grad():
+                ref_logp = linear_logprobs(
+                    ref_hidden,
+                    ref_weight,
+                    selected_token_ids.masked_fill(attention_mask == 0, 0),
+                    bias=ref_bias,
+                    temperature=self.temperature,
+                    impl=self.impl,
+                )
+        o = self.options
+        loss, metrics = fused_linear_grpo_loss(
+            hidden,
+            lin_weight,
+            selected_token_ids,
+            advantages,
+            attention_mask,
+            old_logp=old_per_token_logps,
+            ref_logp=ref_logp,
+            bias=bias,
+            temperature=self.temperature,
+            loss_type=o.loss_type,
+            epsilon_low=o.epsilon_low,
+            epsilon_high=o.epsilon_high,
+            delta=o.delta,
+            beta=o.beta,
+            kl_estimator=o.kl_estimator,
+            importance_sampling_level=o.importance_sampling_level,
+            max_completion_length=o.max_completion_length,
+            impl=self.impl,
+        )
+        clip_ratio = metrics["clip_ratio/region_mean"]
+        if o.beta != 0.0:
+            return loss, (metrics["kl"], clip_ratio)
+        return loss, (clip_ratio,)
