@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import resolve_impl
-from .reference import ADVANTAGE_SCALES
+from .reference import ADVANTAGE_SCALES, safe_divide
 from .validation import (
     check_choice,
     check_finite,
@@ -37,9 +37,9 @@ def _group_advantages_torch(
     if scale == "group":
         squares = torch.segment_reduce(centered[order].square(), "sum", lengths=counts, unsafe=True)
         std = torch.sqrt(squares / (sizes - 1).clamp(min=1))  # a group of one: 0 / 1 -> std 0
-        return centered / (std[inverse] + eps)
+        return safe_divide(centered, std[inverse] + eps)
     batch_std = values.std() if values.numel() > 1 else values.new_zeros(())
-    return centered / (batch_std + eps)
+    return safe_divide(centered, batch_std + eps)
 
 
 def group_advantages(

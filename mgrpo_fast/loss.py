@@ -147,6 +147,75 @@ def _check_token_tensor(
     check_same_device("the token tensors", torch.empty(0, device=device), **{name: t})
 
 
+def token_weights(batch: FlatBatch, options: LossOptions, dtype: torch.dtype) -> torch.Tensor:
+    """``(N,)`` weight of each row so that ``loss = Σ_rows weight · mask · ℓ`` for every loss type.
+
+    * ``dapo``, ``bnpo``, ``cispo``: ``1 / max(1, M)`` (``M`` = mask sum of the batch);
+    * ``grpo``: ``1 / (S · max(1, M_i))`` for a row of sequence ``i`` (token mean, then sequence mean);
+    * ``dr_grpo``: ``1 / (S · L)``.
+    """
+    lay, m = batch.layout, batch.mask.to(dtype)
+    num_seqs = max(lay.num_seqs, 1)
+    if options.loss_type == "grpo":
+        return lay.per_token(1.0 / (lay.segment_sum(m).clamp(min=1.0) * num_seqs))
+    if options.loss_type == "dr_grpo":
+        length = options.max_completion_length or lay.max_len
+        return m.new_full((lay.num_tokens,), 1.0 / (num_seqs * max(length, 1)))
+    return m.new_full((lay.num_tokens,), 1.0) / m.sum().clamp(min=1.0)
+
+
+def clip_flags(
+    ratio: torch.Tensor, advantages: torch.Tensor, options: LossOptions
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low, high)``: ratio clipped from below with ``A < 0`` / from above with ``A > 0``."""
+    if options.loss_type == "cispo":
+        high = (ratio > options.epsilon_high) & (advantages > 0)
+        return torch.zeros_like(high), high
+    low = (ratio < 1.0 - options.epsilon_low) & (advantages < 0)
+    return low, (ratio > 1.0 + options.epsilon_high) & (advantages > 0)
+
+
+@torch.no_grad()
+def loss_metrics(
+    mask: torch.Tensor,
+    ratio: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    kl: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    *,
+    ratio_per_seq: bool = False,
+    flags_per_seq: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Detached 0-dim metrics with TRL's names.
+
+    Token quantities ``(N,)`` are averaged over masked tokens; per-sequence ones ``(S,)`` (the GSPO
+    ratio, and its clip flags when advantages are per sequence) over sequences, as TRL's
+    ``masked_batch_mean`` does.
+    """
+    m = mask.to(torch.promote_types(mask.dtype, torch.float32))
+    tokens = m.sum().clamp(min=1.0)
+
+    def token_mean(x: torch.Tensor) -> torch.Tensor:
+        return (x.detach().to(m.dtype) * m).sum() / tokens
+
+    def seq_mean(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().to(m.dtype).mean() if x.numel() else m.new_zeros(())
+
+    flag_mean = seq_mean if flags_per_seq else token_mean
+    metrics = {
+        "ratio": seq_mean(ratio) if ratio_per_seq else token_mean(ratio),
+        "clip_ratio/low_mean": flag_mean(low),
+        "clip_ratio/high_mean": flag_mean(high),
+        "clip_ratio/region_mean": flag_mean(low | high),
+    }
+    if kl is not None:
+        metrics["kl"] = token_mean(kl)
+    if entropy is not None:
+        metrics["entropy"] = token_mean(entropy)
+    return metrics
+
+
 def grpo_objective(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -155,7 +224,7 @@ def grpo_objective(
     options: LossOptions,
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss on flat rows: ``logp/old_logp/ref_logp/entropy (N,)``. Returns ``(loss, metrics)``.
+    """The loss on flat rows with torch autograd: ``logp/old_logp/ref_logp/entropy (N,)``.
 
     Log-ratios are zeroed outside the mask before ``exp``, so garbage in padded positions of
     ``old_logp``/``ref_logp`` (common in padded batches) can never turn into ``inf * 0 = NaN``.
@@ -165,25 +234,16 @@ def grpo_objective(
     logp = logp.to(dtype)
     m = batch.mask.to(dtype)
     active = m != 0
-    zero = logp.new_zeros(())
     old = logp.detach() if old_logp is None else old_logp.to(dtype)
-    log_ratio = torch.where(active, logp - old, zero)
-    tokens_per_seq = lay.segment_sum(m)
-
-    per_seq_metrics = o.importance_sampling_level == "sequence" and batch.advantages_per_seq
-    if o.importance_sampling_level == "sequence":
-        seq_ratio = torch.exp(lay.segment_sum(log_ratio * m) / tokens_per_seq.clamp(min=1.0))
-        ratio = lay.per_token(seq_ratio)
-    else:
-        ratio = torch.exp(log_ratio)
+    log_ratio = torch.where(active, logp - old, logp.new_zeros(()))
     adv_seq = batch.advantages.to(dtype)
     adv = lay.per_token(adv_seq) if batch.advantages_per_seq else adv_seq
 
-    def clip_flags(r: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if o.loss_type == "cispo":
-            high = (r > o.epsilon_high) & (a > 0)
-            return torch.zeros_like(high), high
-        return (r < 1.0 - o.epsilon_low) & (a < 0), (r > 1.0 + o.epsilon_high) & (a > 0)
+    if o.importance_sampling_level == "sequence":
+        seq_ratio = torch.exp(lay.segment_sum(log_ratio * m) / lay.segment_sum(m).clamp(min=1.0))
+        ratio = lay.per_token(seq_ratio)
+    else:
+        ratio = torch.exp(log_ratio)
 
     if o.loss_type == "cispo":
         per_token = -torch.clamp(ratio, max=o.epsilon_high).detach() * adv * logp
@@ -199,43 +259,17 @@ def grpo_objective(
         if kl is None:
             raise ValueError(f"ref_logp: required when beta != 0 (beta={o.beta}); pass reference log-probs")
         per_token = per_token + o.beta * kl
+    loss = (per_token * (m * token_weights(batch, o, dtype))).sum()
 
-    masked = per_token * m
-    num_seqs = max(lay.num_seqs, 1)
-    tokens = m.sum().clamp(min=1.0)
-    if o.loss_type == "grpo":
-        loss = (lay.segment_sum(masked) / tokens_per_seq.clamp(min=1.0)).sum() / num_seqs
-    elif o.loss_type == "dr_grpo":
-        length = o.max_completion_length or lay.max_len
-        loss = masked.sum() / (num_seqs * max(length, 1))
-    else:  # bnpo, dapo, cispo: token mean over the whole batch
-        loss = masked.sum() / tokens
-
-    def token_mean(x: torch.Tensor) -> torch.Tensor:
-        return (x.detach().to(dtype) * m).sum() / tokens
-
-    def seq_mean(x: torch.Tensor) -> torch.Tensor:
-        return x.detach().to(dtype).mean() if lay.num_seqs else zero
-
-    # Sequence-level quantities (the GSPO ratio, and its clip flags when advantages are per
-    # sequence) are averaged over sequences, token-level ones over masked tokens, as TRL does.
-    with torch.no_grad():
-        if per_seq_metrics:
-            low, high = clip_flags(seq_ratio, adv_seq)
-            flag_mean = seq_mean
-        else:
-            low, high = clip_flags(ratio, adv)
-            flag_mean = token_mean
-        metrics = {
-            "ratio": seq_mean(seq_ratio) if o.importance_sampling_level == "sequence" else token_mean(ratio),
-            "clip_ratio/low_mean": flag_mean(low),
-            "clip_ratio/high_mean": flag_mean(high),
-            "clip_ratio/region_mean": flag_mean(low | high),
-        }
-        if kl is not None:
-            metrics["kl"] = token_mean(kl)
-        if entropy is not None:
-            metrics["entropy"] = token_mean(entropy)
+    if o.importance_sampling_level == "sequence":
+        per_seq = batch.advantages_per_seq
+        low, high = clip_flags(seq_ratio if per_seq else ratio, adv_seq if per_seq else adv, o)
+        metrics = loss_metrics(
+            m, seq_ratio, low, high, kl, entropy, ratio_per_seq=True, flags_per_seq=per_seq
+        )
+    else:
+        low, high = clip_flags(ratio, adv, o)
+        metrics = loss_metrics(m, ratio, low, high, kl, entropy)
     return loss, metrics
 
 

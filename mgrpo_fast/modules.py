@@ -7,11 +7,29 @@ constructor options and forward arguments and the same return value, so code wri
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
 from .logprobs import linear_logprobs
 from .loss import LossOptions, fused_linear_grpo_loss
+
+# Functional-API argument names -> the Liger forward's names, so errors name what the caller wrote.
+_LIGER_NAMES = {
+    "hidden": "_input",
+    "weight": "lin_weight",
+    "targets": "selected_token_ids",
+    "mask": "attention_mask",
+    "old_logp": "old_per_token_logps",
+    "ref_logp": "ref_per_token_logps",
+}
+_LIGER_NAME_PATTERN = re.compile(r"\b(" + "|".join(_LIGER_NAMES) + r")\b")
+
+
+def _in_liger_terms(error: ValueError | TypeError) -> ValueError | TypeError:
+    message = _LIGER_NAME_PATTERN.sub(lambda match: _LIGER_NAMES[match.group(1)], str(error))
+    return type(error)(message)
 
 
 class GRPOLoss(nn.Module):
@@ -118,26 +136,29 @@ class GRPOLoss(nn.Module):
                     impl=self.impl,
                 )
         o = self.options
-        loss, metrics = fused_linear_grpo_loss(
-            hidden,
-            lin_weight,
-            selected_token_ids,
-            advantages,
-            attention_mask,
-            old_logp=old_per_token_logps,
-            ref_logp=ref_logp,
-            bias=bias,
-            temperature=self.temperature,
-            loss_type=o.loss_type,
-            epsilon_low=o.epsilon_low,
-            epsilon_high=o.epsilon_high,
-            delta=o.delta,
-            beta=o.beta,
-            kl_estimator=o.kl_estimator,
-            importance_sampling_level=o.importance_sampling_level,
-            max_completion_length=o.max_completion_length,
-            impl=self.impl,
-        )
+        try:
+            loss, metrics = fused_linear_grpo_loss(
+                hidden,
+                lin_weight,
+                selected_token_ids,
+                advantages,
+                attention_mask,
+                old_logp=old_per_token_logps,
+                ref_logp=ref_logp,
+                bias=bias,
+                temperature=self.temperature,
+                loss_type=o.loss_type,
+                epsilon_low=o.epsilon_low,
+                epsilon_high=o.epsilon_high,
+                delta=o.delta,
+                beta=o.beta,
+                kl_estimator=o.kl_estimator,
+                importance_sampling_level=o.importance_sampling_level,
+                max_completion_length=o.max_completion_length,
+                impl=self.impl,
+            )
+        except (ValueError, TypeError) as error:
+            raise _in_liger_terms(error) from error
         clip_ratio = metrics["clip_ratio/region_mean"]
         if o.beta != 0.0:
             return loss, (metrics["kl"], clip_ratio)

@@ -67,6 +67,14 @@ def linear_logprobs_ref(
     return logp, entropy, lse
 
 
+def safe_divide(centered: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``centered / denominator``, and 0 where the denominator is 0 (then ``centered`` is 0 too:
+    a zero std means all rewards equal their mean), so ``eps=0`` never turns 0/0 into NaN."""
+    return torch.where(
+        denominator > 0, centered / denominator.clamp(min=torch.finfo(centered.dtype).tiny), 0.0
+    )
+
+
 def group_advantages_ref(
     rewards: torch.Tensor,
     group_index: torch.Tensor,
@@ -80,6 +88,8 @@ def group_advantages_ref(
     * ``scale="group"``: the group of ``j`` (a group of one has std 0, so its advantage is 0);
     * ``scale="batch"``: all rewards of the batch;
     * ``scale="none"``: no division, ``A_j = r_j - mean_g(j)`` (Dr. GRPO).
+
+    Where ``std + eps`` is 0 (``eps=0`` and all rewards of the group equal) the advantage is 0.
 
     Args:
         rewards: ``(N,)`` float rewards.
@@ -97,9 +107,9 @@ def group_advantages_ref(
         centered = r - r.mean()
         if scale == "group":
             std = r.std() if r.numel() > 1 else r.new_zeros(())
-            centered = centered / (std + eps)
+            centered = safe_divide(centered, std + eps)
         elif scale == "batch":
-            centered = centered / (batch_std + eps)
+            centered = safe_divide(centered, batch_std + eps)
         elif scale != "none":
             raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
         advantages[members] = centered
