@@ -23,23 +23,30 @@ def _group_advantages_torch(
 ) -> torch.Tensor:
     """Atomic-free torch path: rows are ordered by group, then reduced per segment.
 
-    Two passes (mean, then the sum of squared deviations) keep the std accurate when rewards are
-    large and nearly equal; ``segment_reduce`` sums in a fixed order, so results are deterministic.
+    Sums run in fp64 (exact for any realistic group of fp32 rewards), two passes (mean, then the
+    sum of squared deviations) keep the std accurate, and a group whose rewards are all equal gets
+    exactly 0 (a rounded mean must not leak a tiny ``centered / eps``). ``segment_reduce`` sums in
+    a fixed order, so results are deterministic.
     """
-    values = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
+    out_dtype = torch.promote_types(rewards.dtype, torch.float32)
+    values = rewards.to(torch.float64)
     _, inverse, counts = torch.unique(group_index, return_inverse=True, return_counts=True)
     order = torch.argsort(inverse, stable=True)
-    sizes = counts.to(values.dtype)
-    mean = torch.segment_reduce(values[order], "sum", lengths=counts, unsafe=True) / sizes
-    centered = values - mean[inverse]
-    if scale == "none":
-        return centered
+    ordered = values[order]
+    sizes = counts.to(torch.float64)
+    mean = torch.segment_reduce(ordered, "sum", lengths=counts, unsafe=True) / sizes
+    constant = torch.segment_reduce(ordered, "max", lengths=counts, unsafe=True) == torch.segment_reduce(
+        ordered, "min", lengths=counts, unsafe=True
+    )
+    centered = torch.where(constant[inverse], 0.0, values - mean[inverse])
     if scale == "group":
         squares = torch.segment_reduce(centered[order].square(), "sum", lengths=counts, unsafe=True)
         std = torch.sqrt(squares / (sizes - 1).clamp(min=1))  # a group of one: 0 / 1 -> std 0
-        return safe_divide(centered, std[inverse] + eps)
-    batch_std = values.std() if values.numel() > 1 else values.new_zeros(())
-    return safe_divide(centered, batch_std + eps)
+        centered = safe_divide(centered, std[inverse] + eps)
+    elif scale == "batch":
+        batch_std = values.std() if values.numel() > 1 else values.new_zeros(())
+        centered = safe_divide(centered, batch_std + eps)
+    return centered.to(out_dtype)
 
 
 def group_advantages(

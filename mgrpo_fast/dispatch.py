@@ -12,6 +12,7 @@ import importlib
 
 import torch
 
+from .kernels._common import interpreting
 from .validation import check_choice
 
 IMPLS = ("auto", "torch", "triton")
@@ -40,5 +41,10 @@ def resolve_impl(impl: str, op: str, device: torch.device) -> str:
     if impl == "triton":
         if status is not None:
             raise RuntimeError(f"impl='triton' for {op}: {status}; use impl='torch' or impl='auto'")
+        if device.type != "cuda" and not interpreting():
+            raise RuntimeError(
+                f"impl='triton' for {op}: the Triton kernels need CUDA tensors (got {device}; "
+                "TRITON_INTERPRET=1 runs them on CPU tensors for testing); use impl='torch' or impl='auto'"
+            )
         return "triton"
     return "triton" if status is None and device.type == "cuda" else "torch"

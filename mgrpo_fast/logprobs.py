@@ -188,18 +188,20 @@ def linear_logprobs(
     return (logp, entropy) if return_entropy else logp
 
 
-def linear_logprobs_with_lse(
+def select_rows(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    row_index: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-    impl: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``linear_logprobs`` returning ``(logp, entropy, lse)``; ``lse`` carries no gradient."""
+    bias: torch.Tensor | None,
+    temperature: float,
+    row_index: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
+    """Validate the arguments of a log-prob computation and pick its rows.
+
+    Returns ``(hidden2d (M, H), targets1d (M,) int64, out_shape)``: the rows to compute (all rows
+    of ``hidden (..., H)``, or those of ``row_index``) and the shape the results take. Targets are
+    range-checked only on the selected rows, so padding ids (e.g. -100) elsewhere are fine.
+    """
     check_float("hidden", hidden)
     check_float("weight", weight)
     check_integer("targets", targets)
@@ -217,8 +219,6 @@ def linear_logprobs_with_lse(
         check_shape("bias", bias, (vocab,), "(V,)")
     check_same_device("hidden", hidden, weight=weight, targets=targets, bias=bias, row_index=row_index)
     check_positive("temperature", temperature)
-    if chunk_size is not None:
-        check_positive("chunk_size", chunk_size)
 
     out_shape = hidden.shape[:-1]
     hidden2d = hidden.reshape(-1, width)
@@ -232,15 +232,46 @@ def linear_logprobs_with_lse(
         targets1d = targets1d.index_select(0, row_index)
         out_shape = row_index.shape
     check_index_range("targets", targets1d, vocab, "V")
-    targets1d = targets1d.long()
+    return hidden2d, targets1d.long(), out_shape
 
-    rows = hidden2d.shape[0]
-    if resolve_impl(impl, "linear_logprobs", hidden.device) == "triton":
+
+def use_triton(impl: str, op: str, hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``impl`` resolves to the Triton kernels for these operands.
+
+    ``auto`` keeps fp64 and mixed-dtype operands on the torch path (the GEMM kernels take
+    fp32/fp16/bf16 with one dtype); an explicit ``impl="triton"`` lets the kernel reject them.
+    """
+    choice = resolve_impl(impl, op, hidden.device)
+    if choice == "triton" and impl == "auto":
+        return hidden.dtype == weight.dtype and hidden.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return choice == "triton"
+
+
+def linear_logprobs_with_lse(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    row_index: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``linear_logprobs`` returning ``(logp, entropy, lse)``; ``lse`` carries no gradient."""
+    if chunk_size is not None:
+        check_positive("chunk_size", chunk_size)
+    hidden2d, targets1d, out_shape = select_rows(hidden, weight, targets, bias, temperature, row_index)
+    if use_triton(impl, "linear_logprobs", hidden, weight):
         from .kernels.linear_logprobs import triton_linear_logprobs
 
         logp, entropy, lse = triton_linear_logprobs(hidden2d, weight, targets1d, bias, float(temperature))
     else:
-        chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(rows, vocab)
+        chunk = (
+            int(chunk_size)
+            if chunk_size is not None
+            else default_chunk_size(hidden2d.shape[0], weight.shape[0])
+        )
         logp, entropy, lse = ChunkedLinearLogprobs.apply(
             hidden2d, weight, bias, targets1d, float(temperature), chunk
         )

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .dispatch import resolve_impl, triton_op_status
 from .layout import SequenceLayout
-from .logprobs import linear_logprobs_with_lse
+from .logprobs import linear_logprobs_with_lse, select_rows, use_triton
 from .reference import IMPORTANCE_SAMPLING_LEVELS, KL_ESTIMATORS, LOSS_TYPES, kl_ref
 from .validation import (
     check_choice,
@@ -186,28 +187,33 @@ def loss_metrics(
     *,
     ratio_per_seq: bool = False,
     flags_per_seq: bool = False,
+    seq_id: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Detached 0-dim metrics with TRL's names.
 
     Token quantities ``(N,)`` are averaged over masked tokens; per-sequence ones ``(S,)`` (the GSPO
     ratio, and its clip flags when advantages are per sequence) over sequences, as TRL's
-    ``masked_batch_mean`` does.
+    ``masked_batch_mean`` does; ``seq_id (N,)`` then maps rows to sequences for the token-weighted
+    ``clip_ratio/region_token_mean`` (Liger's ``clip_ratio``; equal to ``region_mean`` for token flags).
     """
     m = mask.to(torch.promote_types(mask.dtype, torch.float32))
     tokens = m.sum().clamp(min=1.0)
 
-    def token_mean(x: torch.Tensor) -> torch.Tensor:
-        return (x.detach().to(m.dtype) * m).sum() / tokens
+    def token_mean(x: torch.Tensor) -> torch.Tensor:  # values outside the mask are ignored, even inf/NaN
+        return torch.where(m != 0, x.detach().to(m.dtype) * m, 0.0).sum() / tokens
 
     def seq_mean(x: torch.Tensor) -> torch.Tensor:
         return x.detach().to(m.dtype).mean() if x.numel() else m.new_zeros(())
 
     flag_mean = seq_mean if flags_per_seq else token_mean
+    region = low | high
     metrics = {
         "ratio": seq_mean(ratio) if ratio_per_seq else token_mean(ratio),
         "clip_ratio/low_mean": flag_mean(low),
         "clip_ratio/high_mean": flag_mean(high),
-        "clip_ratio/region_mean": flag_mean(low | high),
+        "clip_ratio/region_mean": flag_mean(region),
+        # Liger's clip_ratio: per-sequence flags weighted by their token counts.
+        "clip_ratio/region_token_mean": token_mean(region if seq_id is None else region[seq_id]),
     }
     if kl is not None:
         metrics["kl"] = token_mean(kl)
@@ -265,7 +271,15 @@ def grpo_objective(
         per_seq = batch.advantages_per_seq
         low, high = clip_flags(seq_ratio if per_seq else ratio, adv_seq if per_seq else adv, o)
         metrics = loss_metrics(
-            m, seq_ratio, low, high, kl, entropy, ratio_per_seq=True, flags_per_seq=per_seq
+            m,
+            seq_ratio,
+            low,
+            high,
+            kl,
+            entropy,
+            ratio_per_seq=True,
+            flags_per_seq=per_seq,
+            seq_id=lay.seq_id if per_seq else None,
         )
     else:
         low, high = clip_flags(ratio, adv, o)
@@ -290,6 +304,7 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     entropy: torch.Tensor | None = None,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped GRPO loss on per-token log-probs.
 
@@ -303,6 +318,8 @@ def grpo_loss(
         entropy: optional, like ``logp``; reported as the ``entropy`` metric.
         loss_type, epsilon_low, epsilon_high, delta, beta, kl_estimator, importance_sampling_level,
         max_completion_length: see ``LossOptions``.
+        impl: ``"auto" | "torch" | "triton"``; Triton (one elementwise kernel) serves token-level
+            importance sampling with fp32/bf16/fp16 log-probs, GSPO and fp64 stay on torch autograd.
 
     Returns:
         ``(loss, metrics)``: a 0-dim loss (fp32, or fp64 for fp64 inputs) and a dict of detached
@@ -324,7 +341,40 @@ def grpo_loss(
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy)):
         _check_token_tensor(name, t, logp.shape, logp.device)
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    triton_ok = options.importance_sampling_level == "token" and logp.dtype != torch.float64
+    if resolve_impl(impl, "grpo_loss", logp.device) == "triton" and (triton_ok or impl == "triton"):
+        if not triton_ok:
+            raise ValueError(
+                "impl: 'triton' serves token-level importance sampling on fp32/bf16/fp16 log-probs"
+            )
+        return _grpo_loss_triton(flat(logp), flat(old_logp), flat(ref_logp), batch, options, flat(entropy))
     return grpo_objective(flat(logp), flat(old_logp), flat(ref_logp), batch, options, flat(entropy))
+
+
+def _grpo_loss_triton(logp, old_logp, ref_logp, batch: FlatBatch, options: LossOptions, entropy):
+    """``grpo_loss`` on the elementwise Triton kernel (token-level importance sampling)."""
+    from .kernels.grpo_loss import triton_token_grpo_loss
+
+    if options.beta != 0.0 and ref_logp is None:
+        raise ValueError(f"ref_logp: required when beta != 0 (beta={options.beta}); pass reference log-probs")
+    f32 = lambda t: None if t is None else t.to(torch.float32)  # noqa: E731
+    lay = batch.layout
+    adv = lay.per_token(batch.advantages) if batch.advantages_per_seq else batch.advantages
+    loss, _, ratio, low, high, kl = triton_token_grpo_loss(
+        f32(logp),
+        f32(old_logp),
+        f32(ref_logp),
+        f32(adv),
+        batch.mask,
+        token_weights(batch, options, torch.float32),
+        loss_type=options.loss_type,
+        epsilon_low=options.epsilon_low,
+        epsilon_high=options.epsilon_high,
+        delta=options.delta,
+        beta=options.beta,
+        kl_estimator=options.kl_estimator,
+    )
+    return loss, loss_metrics(batch.mask, ratio, low, high, kl, entropy)
 
 
 def fused_linear_grpo_loss(
@@ -391,6 +441,14 @@ def fused_linear_grpo_loss(
         raise ValueError(f"ref_logp: required when beta != 0 (beta={options.beta}); pass reference log-probs")
 
     rows = torch.nonzero(batch.mask, as_tuple=True)[0]
+    if (
+        options.importance_sampling_level == "token"
+        and use_triton(impl, "linear_logprobs", hidden, weight)
+        and triton_op_status("grpo_loss") is None
+    ):
+        return _fused_loss_triton(
+            hidden, weight, targets, bias, temperature, rows, batch, options, old_logp, ref_logp, chunk_size
+        )
     logp_rows, entropy_rows, _ = linear_logprobs_with_lse(
         hidden,
         weight,
@@ -407,3 +465,42 @@ def fused_linear_grpo_loss(
     entropy = entropy_rows.detach().new_zeros(num_tokens).index_copy(0, rows, entropy_rows.detach())
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     return grpo_objective(logp, flat(old_logp), flat(ref_logp), batch, options, entropy)
+
+
+def _fused_loss_triton(
+    hidden,
+    weight,
+    targets,
+    bias,
+    temperature,
+    rows,
+    batch: FlatBatch,
+    options: LossOptions,
+    old_logp,
+    ref_logp,
+    chunk_size,
+):
+    """The one-pass (6·N·H·V) fused path on the loss rows; see ``fused_triton``."""
+    from .fused_triton import triton_fused_linear_grpo_loss
+
+    hidden_rows, target_rows, _ = select_rows(hidden, weight, targets, bias, temperature, rows)
+    lay = batch.layout
+    adv = lay.per_token(batch.advantages) if batch.advantages_per_seq else batch.advantages
+    pick = lambda t: None if t is None else t.reshape(-1).index_select(0, rows)  # noqa: E731
+    mask_rows = batch.mask.index_select(0, rows)
+    weight_rows = token_weights(batch, options, torch.float32).index_select(0, rows)
+    loss, _, entropy, ratio, low, high, kl = triton_fused_linear_grpo_loss(
+        hidden_rows,
+        weight,
+        bias,
+        target_rows,
+        pick(old_logp),
+        pick(ref_logp),
+        pick(adv),
+        mask_rows,
+        weight_rows,
+        options,
+        temperature,
+        chunk_size,
+    )
+    return loss, loss_metrics(mask_rows, ratio, low, high, kl, entropy)

@@ -46,6 +46,8 @@ class GRPOLoss(nn.Module):
         temperature: logits are divided by it.
         kl_estimator: ``k1 | k2 | k3`` (extension; Liger uses k3).
         impl: ``"auto" | "torch" | "triton"``.
+        use_bias_correction_kl, sapo_*, vespo_*: accepted at their defaults (newer Liger/TRL pass
+            them); ``use_bias_correction_kl=True`` raises ``ValueError``.
     """
 
     def __init__(
@@ -63,8 +65,27 @@ class GRPOLoss(nn.Module):
         delta: float | None = None,
         kl_estimator: str = "k3",
         impl: str = "auto",
+        use_bias_correction_kl: bool = False,
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
     ) -> None:
         super().__init__()
+        # Newer Liger/TRL pass these at their defaults; the sapo/vespo ones only act with loss types
+        # this loss does not offer (rejected by LossOptions), the bias-corrected KL is not offered.
+        if use_bias_correction_kl:
+            raise ValueError("use_bias_correction_kl: True is not supported; pass False (the default)")
+        del (
+            sapo_temperature_pos,
+            sapo_temperature_neg,
+            vespo_k_pos,
+            vespo_lambda_pos,
+            vespo_k_neg,
+            vespo_lambda_neg,
+        )
         self.options = LossOptions(
             loss_type=loss_type,
             epsilon_low=epsilon_low,
@@ -99,6 +120,7 @@ class GRPOLoss(nn.Module):
         ref_input: torch.Tensor | None = None,
         ref_weight: torch.Tensor | None = None,
         ref_bias: torch.Tensor | None = None,
+        vllm_is_ratio: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Liger's forward.
 
@@ -111,11 +133,16 @@ class GRPOLoss(nn.Module):
             ref_per_token_logps, old_per_token_logps: optional ``(B, T)``.
             ref_input, ref_weight, ref_bias: reference model's hidden states and head; its
                 log-probs are computed without gradient when ``ref_per_token_logps`` is None.
+            vllm_is_ratio: accepted for Liger's signature; only None is supported.
 
         Returns:
             ``(loss, (mean_kl, clip_ratio))`` when ``beta != 0``, else ``(loss, (clip_ratio,))``,
             where ``clip_ratio`` is the fraction of masked tokens clipped (either side).
         """
+        if vllm_is_ratio is not None:
+            raise ValueError(
+                "vllm_is_ratio: the sampler importance-sampling correction is not supported; pass None"
+            )
         hidden = _input
         if hidden.dim() == 2 and selected_token_ids.dim() == 2:
             hidden = hidden.reshape(*selected_token_ids.shape, hidden.shape[-1])
@@ -159,7 +186,7 @@ class GRPOLoss(nn.Module):
             )
         except (ValueError, TypeError) as error:
             raise _in_liger_terms(error) from error
-        clip_ratio = metrics["clip_ratio/region_mean"]
+        clip_ratio = metrics["clip_ratio/region_token_mean"]
         if o.beta != 0.0:
             return loss, (metrics["kl"], clip_ratio)
         return loss, (clip_ratio,)

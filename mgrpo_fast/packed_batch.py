@@ -90,11 +90,16 @@ class PackedMicroBatch:
         """The same micro-batch with every tensor on ``device`` (non-blocking where possible)."""
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return PackedMicroBatch(
-            input_ids=move(self.input_ids), position_ids=move(self.position_ids),
-            cu_seqlens=move(self.cu_seqlens), max_seqlen=self.max_seqlen, loss_rows=move(self.loss_rows),
-            loss_targets=move(self.loss_targets), loss_seq=move(self.loss_seq), loss_pos=move(self.loss_pos),
+            input_ids=move(self.input_ids),
+            position_ids=move(self.position_ids),
+            cu_seqlens=move(self.cu_seqlens),
+            max_seqlen=self.max_seqlen,
+            loss_rows=move(self.loss_rows),
+            loss_targets=move(self.loss_targets),
+            loss_seq=move(self.loss_seq),
+            loss_pos=move(self.loss_pos),
             seq_index=self.seq_index,
-        )  # fmt: skip
+        )
 
 
 def build_microbatch(

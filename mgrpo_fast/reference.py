@@ -89,7 +89,8 @@ def group_advantages_ref(
     * ``scale="batch"``: all rewards of the batch;
     * ``scale="none"``: no division, ``A_j = r_j - mean_g(j)`` (Dr. GRPO).
 
-    Where ``std + eps`` is 0 (``eps=0`` and all rewards of the group equal) the advantage is 0.
+    A group whose rewards are all equal gets exactly 0 (not a rounding residue divided by
+    ``eps``); where ``std + eps`` is 0 the advantage is 0 too.
 
     Args:
         rewards: ``(N,)`` float rewards.
@@ -104,7 +105,7 @@ def group_advantages_ref(
     for g in torch.unique(group_index):
         members = group_index == g
         r = rewards[members]
-        centered = r - r.mean()
+        centered = r - r.mean() if bool((r != r[0]).any()) else torch.zeros_like(r)
         if scale == "group":
             std = r.std() if r.numel() > 1 else r.new_zeros(())
             centered = safe_divide(centered, std + eps)
@@ -180,7 +181,8 @@ def grpo_loss_ref(
     sequence-level quantities, as TRL's ``masked_batch_mean``): ``kl`` (when ``ref_logp`` is given),
     ``ratio``, ``clip_ratio/low_mean`` (``r < 1-ε_low`` and ``A < 0``), ``clip_ratio/high_mean``
     (``r > 1+ε_high`` and ``A > 0``; for cispo ``r > ε_high`` and ``A > 0``),
-    ``clip_ratio/region_mean`` (either), ``entropy`` (when given).
+    ``clip_ratio/region_mean`` (either), ``clip_ratio/region_token_mean`` (either, always weighted by
+    tokens: Liger's ``clip_ratio``), ``entropy`` (when given).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -230,12 +232,12 @@ def grpo_loss_ref(
         loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / max(B, 1)
     elif loss_type == "dr_grpo":
         length = T if max_completion_length is None else max_completion_length
-        loss = (per_token * mask).sum() / (max(B, 1) * length)
+        loss = (per_token * mask).sum() / (max(B, 1) * max(length, 1))
     else:  # bnpo, dapo, cispo
         loss = (per_token * mask).sum() / tokens
 
-    def token_mean(x: torch.Tensor) -> torch.Tensor:
-        return (x.to(dtype).expand(B, T) * mask).sum() / tokens
+    def token_mean(x: torch.Tensor) -> torch.Tensor:  # values outside the mask are ignored
+        return torch.where(mask != 0, x.to(dtype).expand(B, T) * mask, 0.0).sum() / tokens
 
     def seq_mean(x: torch.Tensor) -> torch.Tensor:
         return x.to(dtype).mean() if B > 0 else x.new_zeros((), dtype=dtype)
@@ -247,6 +249,7 @@ def grpo_loss_ref(
         "clip_ratio/low_mean": flag_mean(is_low),
         "clip_ratio/high_mean": flag_mean(is_high),
         "clip_ratio/region_mean": flag_mean(is_low | is_high),
+        "clip_ratio/region_token_mean": token_mean(is_low | is_high),  # Liger's token-weighted clip_ratio
     }
     if kl is not None:
         metrics["kl"] = token_mean(kl.detach())
