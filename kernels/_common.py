@@ -63,6 +63,19 @@ def check_kernel_device(name: str, t: torch.Tensor) -> None:
     )
 
 
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (2-D) with an fp32 result (fp64 for fp64), never rounded to bf16/fp16.
+
+    bf16/fp16 on CUDA: a tensor-core cuBLAS GEMM with fp32 output (``out_dtype``, CUDA only);
+    elsewhere low-precision operands are upcast first.
+    """
+    if a.dtype in (torch.float16, torch.bfloat16) or b.dtype in (torch.float16, torch.bfloat16):
+        if a.is_cuda and a.dtype == b.dtype:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return a.float() @ b.float()
+    return a @ b
+
+
 def pointer_type(dtype: torch.dtype) -> str:
     try:
         return POINTER_TYPES[dtype]

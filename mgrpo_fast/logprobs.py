@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import resolve_impl
+from .kernels._common import matmul_fp32
 from .validation import (
     check_float,
     check_index_range,
@@ -35,17 +36,6 @@ LOGITS_BLOCK_ELEMENTS = 1 << 26
 def default_chunk_size(num_rows: int, vocab: int) -> int:
     """Rows per chunk: ~64 M fp32 logits per block, at least 1, at most all rows."""
     return max(1, min(num_rows, LOGITS_BLOCK_ELEMENTS // max(vocab, 1)))
-
-
-def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with an fp32 (or fp64) result, never rounded to bf16/fp16.
-
-    On CUDA, bf16/fp16 operands run as a tensor-core GEMM with fp32 output (``out_dtype``); other
-    devices get operands already upcast by the caller.
-    """
-    if a.dtype in (torch.float16, torch.bfloat16) and a.dtype == b.dtype and a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a @ b
 
 
 def _operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:

@@ -119,10 +119,12 @@ def flatten_batch(
         per_seq_shape, seq_symbols = (layout.num_seqs,), "(S,)"
 
     check_same_device(token_name, torch.empty(0, device=device), advantages=advantages, mask=mask)
-    if tuple(advantages.shape) == tuple(token_shape):
-        adv, per_seq = advantages.reshape(-1), False
-    elif tuple(advantages.shape) == per_seq_shape:
+    # Per sequence first: when every packed sequence has one token (S == N) both readings give the
+    # same loss, and per sequence keeps the GSPO metrics sequence means.
+    if tuple(advantages.shape) == per_seq_shape:
         adv, per_seq = advantages, True
+    elif tuple(advantages.shape) == tuple(token_shape):
+        adv, per_seq = advantages.reshape(-1), False
     else:
         raise ValueError(
             f"advantages: expected {seq_symbols} = {per_seq_shape} per sequence or {tuple(token_shape)} "
