@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint clean
+.PHONY: test demo lint clean gpu-check
 
 # The virtualenv with mgrpo_fast installed in editable mode (+ dev tools). Rebuilt when the build
 # files or the C++ sources change. torch comes first, from the pinned CPU wheel, unless the venv
@@ -29,6 +29,13 @@ demo: $(STAMP)
 # Lint with ruff (config in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/python -m ruff check .
+
+# On a CUDA machine with torch/triton preinstalled and no network: install the project (pip -e, no
+# deps, no index), install any wheels found in .whl/ into /tmp/site (on PYTHONPATH), run the CUDA
+# tests and `pytest benchmarks`, and print a summary table; under 8 minutes. Uses the machine's
+# python ($(PY)), not the CPU venv. GPU_CHECK_ARGS=--dry-run prints the steps without running them.
+gpu-check:
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 # Remove build outputs and caches (keeps the venv, but forces a reinstall on the next target).
 clean:

@@ -46,6 +46,18 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 3
     tags: dict[str, str] = field(default_factory=dict)
+    # Integer args that are multiples of 16 at real shapes (H, row strides, ...). Triton's launcher
+    # specializes such values (and 16-byte-aligned pointers, which torch allocations are), so the
+    # ahead-of-time compile gives them the same divisibility hints to build the code a GPU runs.
+    aligned_args: tuple[str, ...] = ()
+
+    def compile_attrs(self) -> dict[tuple[int, ...], list[list[object]]]:
+        """``ASTSource(attrs=...)``: divisibility 16 for every pointer and every ``aligned_args``."""
+        return {
+            (i,): [["tt.divisibility", 16]]
+            for i, (name, kind) in enumerate(self.signature.items())
+            if kind.startswith("*") or name in self.aligned_args
+        }
 
 
 def interpreting() -> bool:

@@ -554,8 +554,10 @@ def _spec(name, kernel, types: dict[str, str], consts: dict[str, object], cfg: d
     missing = set(args) - set(types) - set(consts)
     assert not missing, f"{name}: no type for {missing}"
     sig = {a: "constexpr" if a in consts else types[a] for a in args}
+    # hidden sizes and row strides are multiples of 16 at real shapes: compile what the GPU runs
+    aligned = tuple(a for a in args if a == "H" or a.startswith("stride_"))
     return AotSpec(name, kernel, sig, dict(consts), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                   tags=tags)
+                   tags=tags, aligned_args=aligned)
 
 
 def aot_specs() -> list[AotSpec]:
