@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # The virtualenv with mgrpo_fast installed in editable mode (+ dev tools). Rebuilt when the build
 # files or the C++ sources change. torch comes first, from the pinned CPU wheel, unless the venv
 # already has one.
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --upgrade pip
 	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/python -m pip install torch==2.13.0

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mgrpo_fast import packing
+from mgrpo_fast import _packing_python, packing
 from mgrpo_fast._ext import has_extension, load_error, load_extension
 from mgrpo_fast.packing import first_fit_decreasing, first_fit_decreasing_python, group_by_bin
 
@@ -85,6 +85,18 @@ def test_properties(case):
             positive = [i for i in items if lengths[i] > 0]
             assert len(positive) == 1 and lengths[positive[0]] > capacity, (items, capacity)
     assert bin_of == naive_ffd(lengths, capacity)
+
+
+@settings(max_examples=300, deadline=None)
+@given(small_cases)
+def test_bin_slots_bound(case):
+    """Both implementations size their segment tree by this bound: it must never be too small (and
+    it is tight enough to matter: about twice the bins of a well-filled packing)."""
+    lengths, capacity = case
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    sizes = [lengths[i] for i in order]
+    bins = max(naive_ffd(lengths, capacity), default=-1) + 1
+    assert bins <= _packing_python.bin_slots(sizes, capacity) <= max(len(sizes), 1)
 
 
 @needs_ext
