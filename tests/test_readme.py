@@ -21,5 +21,8 @@ def test_readme_api_example_runs():
     for block in blocks:
         namespace: dict = {}
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - our own README
-        # the example asserts packed == padded itself; check it produced a finite loss too
-        assert namespace["loss"].isfinite()
+        # the loss example asserts packed == padded itself; the packed-model one prints log-probs
+        if "loss" in namespace:
+            assert namespace["loss"].isfinite()
+        if "logp" in namespace:
+            assert namespace["logp"].isfinite().all()
