@@ -179,3 +179,14 @@ def assert_within_rule(
     bound = 2.0 * plain_err + RULE_ATOL[dtype]
     assert err <= bound, f"{what}: error {err:.3e} vs fp64 > 2 x plain torch {plain_err:.3e} + atol"
     assert math.isfinite(err)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny model shapes gain nothing from intra-op threads, and on a shared CI box OpenMP threads
+    that spin while waiting for a core make those tests many times slower; restored afterwards.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

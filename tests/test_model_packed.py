@@ -26,15 +26,7 @@ from mgrpo_fast.model import (  # noqa: E402
 )
 from mgrpo_fast.packed_batch import SequenceSpec, build_microbatch  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and on a shared CI box OpenMP threads that
-    spin while waiting for a core make these tests many times slower; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VOCAB = 97
