@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(VENV)/bin/python -m pip install -e ".[dev]"
 	touch $@
 
-# Run the test suite; the C++ extension must be built. pytest's exit code 5 (no tests collected)
-# counts as a failure: a run that tests nothing is broken.
+# Lint (ruff), then run the test suite; the C++ extension must be built. pytest's exit code 5 (no
+# tests collected) counts as a failure: a run that tests nothing is broken.
 test: $(STAMP)
+	$(VENV)/bin/python -m ruff check .
 	@MGRPO_FAST_REQUIRE_EXT=1 $(VENV)/bin/python -m pytest tests -q -x -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; the test run is broken" >&2; exit 1; fi; \
 	exit $$rc
