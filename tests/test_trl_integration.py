@@ -1,0 +1,354 @@
+"""``FusedGRPOTrainer`` against TRL's own ``GRPOTrainer`` loss, on a tiny random Qwen2 (CPU).
+
+The comparison runs TRL's ``_compute_loss`` and the fused one on the SAME micro-batch of one
+``_generate_and_score_completions`` call (no second generation), on the same trainer instance:
+loss values within 1e-5 and parameter gradients within 1e-4 (relative), logged metrics equal.
+Old and reference log-probs are perturbed and the advantages drawn at random so that ratios are
+far from 1, both clip sides fire and the KL is non-zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl", reason="trl is not installed (pip install -e '.[dev]')")
+transformers = pytest.importorskip("transformers")
+
+from mgrpo_fast.integrations import trl as integration  # noqa: E402
+
+FusedGRPOTrainer = integration.FusedGRPOTrainer
+GRPOConfig = trl.GRPOConfig
+GRPOTrainer = trl.GRPOTrainer
+
+PROMPTS = ["1+1=", "2+3=", "abc?", "hello "]
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 +=?.")
+
+
+def char_reward(completions, **kwargs):
+    """Number of distinct characters: varies across the random completions of a group."""
+    return [float(len(set(c))) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A char-level tokenizer and a 2-layer Qwen2 saved to disk (TRL reloads it for the reference)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("trl_assets")
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(root / "model")
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(root / "model")
+    return root
+
+
+def make_config(out_dir, **overrides) -> GRPOConfig:
+    kwargs = dict(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,  # steps_per_generation = 2: a generation batch is 2 micro-batches
+        num_generations=2,
+        max_completion_length=6,
+        temperature=0.9,
+        use_cpu=True,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        learning_rate=1e-2,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        loss_type="dapo",
+        beta=0.0,
+        dataloader_num_workers=0,
+        bf16=False,  # fp32 throughout (TRL's default bf16 autocast rounds its logits tiles to bf16)
+    )
+    kwargs.update(overrides)
+    return GRPOConfig(**kwargs)
+
+
+def make_trainer(assets, out_dir, cls=FusedGRPOTrainer, **overrides):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(assets / "model")
+    return cls(
+        model=str(assets / "model"),
+        reward_funcs=char_reward,
+        args=make_config(out_dir, **overrides),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        processing_class=tokenizer,
+    )
+
+
+@pytest.fixture(scope="module")
+def scored(assets, tmp_path_factory):
+    """One trainer (beta = 0.04, so TRL computes reference log-probs; num_iterations = 2, so it
+    computes old log-probs) and the first micro-batch of ONE generation batch, perturbed."""
+    from trl.trainer.utils import split_tensor_dict
+
+    torch.manual_seed(0)
+    trainer = make_trainer(assets, tmp_path_factory.mktemp("cmp"), beta=0.04, num_iterations=2)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2  # set by the training loop; TRL's normalizers read it
+    batch = next(iter(trainer.get_train_dataloader()))
+    full = trainer._generate_and_score_completions(batch)
+    assert full["old_per_token_logps"] is not None and full["ref_per_token_logps"] is not None
+    # The random model never samples EOS: cut completions to ragged lengths (as EOS would), so the
+    # loss types' normalizers differ (with equal lengths grpo, bnpo and dr_grpo coincide).
+    lengths = torch.tensor([6, 3, 5, 1, 2, 6, 4, 6])
+    width = full["completion_mask"].size(1)
+    assert width == 6 and full["completion_mask"].size(0) == len(lengths)
+    full["completion_mask"] = (torch.arange(width) < lengths.unsqueeze(1)).to(full["completion_mask"].dtype)
+    full["num_items_in_batch"] = full["completion_mask"].sum()
+    inputs = split_tensor_dict(full, trainer.args.steps_per_generation)[0]
+    gen = torch.Generator().manual_seed(1)
+    mask = inputs["completion_mask"].float()
+    shape = mask.shape
+    # Alternating signs: ratios on both sides of 1, about half of them outside the clip range.
+    signs = (-1.0) ** torch.arange(shape[1])
+    inputs["old_per_token_logps"] = (
+        inputs["old_per_token_logps"] + 0.4 * signs * torch.randn(shape, generator=gen).abs()
+    )
+    inputs["ref_per_token_logps"] = inputs["ref_per_token_logps"] + 0.5 * torch.randn(shape, generator=gen)
+    assert shape[0] == 4
+    inputs["advantages"] = torch.tensor([-0.9, 1.1, -0.4, 0.6])  # both signs: both clip sides fire
+    # The micro-batch holds fewer tokens than the generation batch: the dapo rescale is not 1.
+    assert int(inputs["num_items_in_batch"]) > int(mask.sum())
+    return trainer, inputs
+
+
+def run_both(trainer, inputs):
+    """(loss, grads, metrics) of TRL's _compute_loss and of the fused one, on the same inputs."""
+    results = []
+    for compute in (GRPOTrainer._compute_loss, FusedGRPOTrainer._compute_loss):
+        trainer.model.zero_grad(set_to_none=True)
+        trainer._metrics["train"].clear()
+        loss = compute(trainer, trainer.model, inputs)
+        loss.backward()
+        grads = {
+            n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None
+        }
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        results.append((loss.detach(), grads, metrics))
+    trainer.model.zero_grad(set_to_none=True)
+    return results
+
+
+def assert_same(trainer, inputs, expect_clipping=True):
+    (loss_trl, g_trl, m_trl), (loss_fused, g_fused, m_fused) = run_both(trainer, inputs)
+    assert torch.isfinite(loss_trl)
+    assert abs(loss_fused.item() - loss_trl.item()) <= 1e-5, (loss_fused.item(), loss_trl.item())
+    assert g_trl.keys() == g_fused.keys() and len(g_trl) > 0
+    for name, g in g_trl.items():
+        err = (g_fused[name] - g).norm() / g.norm().clamp(min=1e-12)
+        assert err <= 1e-4, f"{name}: relative gradient error {err:.2e}"
+    assert m_trl.keys() == m_fused.keys(), (sorted(m_trl), sorted(m_fused))
+    for key, value in m_trl.items():
+        other = m_fused[key]
+        assert (math.isnan(value) and math.isnan(other)) or abs(other - value) <= 1e-5, (key, value, other)
+    if expect_clipping and "clip_ratio/region_mean" in m_trl:
+        assert m_trl["clip_ratio/low_mean"] > 0 and m_trl["clip_ratio/high_mean"] > 0
+    return m_fused
+
+
+@pytest.fixture
+def configure(scored):
+    """Set trainer attributes for one case (TRL and the fused loss read them per call); restore after."""
+    trainer, _ = scored
+    names = (
+        "loss_type",
+        "beta",
+        "importance_sampling_level",
+        "use_vllm",
+        "vllm_importance_sampling_correction",
+        "off_policy_mask_threshold",
+        "top_entropy_quantile",
+        "epsilon_high",
+    )
+    saved = {n: getattr(trainer, n) for n in names}
+    saved_args = (trainer.args.delta, trainer.args.use_bias_correction_kl)
+
+    def apply(delta=None, use_bias_correction_kl=True, **attrs):
+        for n, v in attrs.items():
+            setattr(trainer, n, v)
+        trainer.args.delta = delta
+        trainer.args.use_bias_correction_kl = use_bias_correction_kl
+        return trainer
+
+    yield apply
+    for n, v in saved.items():
+        setattr(trainer, n, v)
+    trainer.args.delta, trainer.args.use_bias_correction_kl = saved_args
+
+
+@pytest.mark.parametrize(
+    "beta, corrected_kl",
+    [(0.0, True), (0.04, True), (0.04, False)],
+    ids=["beta0", "beta0.04", "beta0.04-uncorrected-kl"],
+)
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
+def test_loss_and_grads_match_trl(scored, configure, loss_type, beta, corrected_kl):
+    """beta = 0.04 with TRL's default use_bias_correction_kl=True takes the two-stage path;
+    every other case the one-pass fused loss."""
+    trainer, inputs = scored
+    configure(loss_type=loss_type, beta=beta, use_bias_correction_kl=corrected_kl)
+    metrics = assert_same(trainer, inputs)
+    assert ("kl" in metrics) == (beta != 0.0)
+    for key in ("entropy", "clip_ratio/low_min", "clip_ratio/high_max", "clip_ratio/region_mean"):
+        assert key in metrics
+
+
+def test_loss_types_differ_on_this_batch(scored, configure):
+    """Guard for the comparisons: on this ragged batch each normalizer gives its own value."""
+    trainer, inputs = scored
+    values = {}
+    for loss_type in ("grpo", "dapo", "dr_grpo", "bnpo"):
+        configure(loss_type=loss_type)
+        with torch.no_grad():
+            values[loss_type] = GRPOTrainer._compute_loss(trainer, trainer.model, inputs).item()
+    assert len({round(v, 6) for v in values.values()}) == 4, values
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(loss_type="grpo", importance_sampling_level="sequence"),
+        dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.04),
+        dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04, use_bias_correction_kl=False),
+        dict(loss_type="dapo", delta=1.5),
+        dict(loss_type="cispo", epsilon_high=1.1, beta=0.04),
+        dict(loss_type="cispo", epsilon_high=1.1, beta=0.04, use_bias_correction_kl=False),
+        dict(loss_type="dapo", use_vllm=True, vllm_importance_sampling_correction=True),
+        dict(loss_type="bnpo", off_policy_mask_threshold=0.05),
+        dict(loss_type="dapo", top_entropy_quantile=0.5),
+    ],
+    ids=[
+        "gspo-grpo",
+        "gspo-dapo-kl",
+        "gspo-grpo-uncorrected-kl",
+        "delta",
+        "cispo",
+        "cispo-uncorrected-kl",
+        "vllm-is",
+        "off-policy-mask",
+        "top-entropy",
+    ],
+)
+def test_other_options_match_trl(scored, configure, case):
+    trainer, inputs = scored
+    inputs = dict(inputs)
+    if case.get("use_vllm"):  # TRL's vLLM path would provide this; some tokens masked out (0)
+        gen = torch.Generator().manual_seed(2)
+        ratio = torch.rand(inputs["completion_mask"].shape, generator=gen) + 0.5
+        inputs["importance_sampling_ratio"] = ratio.masked_fill(ratio > 1.4, 0.0)
+    configure(**case)
+    sequence_level = case.get("importance_sampling_level") == "sequence"
+    assert_same(trainer, inputs, expect_clipping=not sequence_level and case["loss_type"] != "cispo")
+
+
+def test_on_policy_batch_without_old_logps(scored, configure):
+    """num_iterations = 1: TRL passes no old log-probs; the ratio is exactly 1, nothing is clipped."""
+    trainer, inputs = scored
+    inputs = {k: v for k, v in inputs.items() if k != "old_per_token_logps"}
+    configure(loss_type="dapo", beta=0.04)
+    metrics = assert_same(trainer, inputs, expect_clipping=False)
+    assert metrics["clip_ratio/region_mean"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # the one-pass fused loss with a KL term and old log-probs (num_iterations = 2), fp32
+        dict(loss_type="dapo", beta=0.04, use_bias_correction_kl=False, num_iterations=2),
+        # TRL's defaults (bf16 autocast, bias-corrected KL): the two-stage path under autocast
+        dict(loss_type="grpo", beta=0.04, bf16=True),
+    ],
+    ids=["fused-fp32", "two-stage-bf16"],
+)
+def test_two_training_steps_end_to_end(assets, tmp_path, monkeypatch, overrides):
+    calls = {"fused": 0, "two_stage": 0}
+    for name, key in (("fused_linear_grpo_loss", "fused"), ("grpo_loss", "two_stage")):
+        original = getattr(integration, name)
+
+        def counted(*args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(integration, name, counted)
+    torch.manual_seed(0)
+    trainer = make_trainer(assets, tmp_path, max_steps=2, **overrides)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    result = trainer.train()
+    assert result.global_step == 2
+    assert math.isfinite(result.training_loss)
+    # 2 optimizer steps x 2 accumulation micro-batches, each one loss call on the expected path
+    expected = "two_stage" if overrides.get("use_bias_correction_kl", True) else "fused"
+    assert calls[expected] == 4 and sum(calls.values()) == 4, calls
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    keys = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+    for key in (*keys, "clip_ratio/low_min", "clip_ratio/high_max"):
+        assert all(key in entry and math.isfinite(entry[key]) for entry in logs), key
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert "lm_head.weight" in changed and len(changed) > 1
+
+
+def test_unsupported_fields_fail_before_loading(tmp_path):
+    """Checked before the model is loaded: the bogus model path is never reached."""
+    for overrides, field in [
+        (dict(loss_type="sapo"), "loss_type='sapo'"),
+        (dict(entropy_coef=0.01), "entropy_coef"),
+        (dict(loss_type="dr_grpo", max_completion_length=None), "max_completion_length"),
+        (dict(delta=0.9), "delta"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            FusedGRPOTrainer(
+                model="/nonexistent/model", reward_funcs=char_reward, args=make_config(tmp_path, **overrides)
+            )
+
+
+def test_version_check():
+    integration.check_trl_version("1.16.0")
+    integration.check_trl_version("1.10.0")
+    integration.check_trl_version("1.16.1.dev0")
+    for bad in ("1.9.2", "1.17.0", "2.0.0", "0.29.1"):
+        with pytest.raises(ImportError, match=r"trl>=1\.10,<1\.17"):
+            integration.check_trl_version(bad)
+
+
+def test_softcapped_models_rejected():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1
+        )
+    )
+    assert integration._logit_scale(model) == 1.0
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        integration._logit_scale(model)
