@@ -70,14 +70,19 @@ class TritonFusedLinearGRPOLoss(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = None  # fp32 (V, H), created by the first chunk
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_b else None
-        stash = torch.empty((min(chunk_rows, rows), vocab), dtype=torch.float32, device=hidden.device)
+        # the bounded fp32 z stash, reused by every chunk (only needed to skip the backward recompute)
+        stash = (
+            torch.empty((min(chunk_rows, rows), vocab), dtype=torch.float32, device=hidden.device)
+            if need_grad
+            else None
+        )
         pieces: dict[str, list[torch.Tensor]] = {
             k: [] for k in ("loss", "logp", "entropy", "ratio", "low", "high", "kl")
         }
         for start in range(0, rows, chunk_rows):
             sl = slice(start, min(start + chunk_rows, rows))
             h_c, t_c = hidden[sl], targets[sl]
-            z = stash[: h_c.shape[0]] if need_grad else None
+            z = None if stash is None else stash[: h_c.shape[0]]
             logp, entropy, lse = linear_logprobs_forward(h_c, weight, t_c, bias, temperature, stash=z)
             terms = grpo_token_terms(
                 logp,
