@@ -1,0 +1,669 @@
+"""Training configuration: nested dataclasses, a YAML file and ``--key.sub=value`` overrides.
+
+Precedence: defaults < YAML file < command-line overrides (left to right). Each section is a frozen
+``kw_only`` dataclass that converts and validates its fields in ``__post_init__``; a bad key or value
+raises :class:`ConfigError` naming the dotted path, prefixed by ``file:line`` or the override
+(loading lives in :mod:`mgrpo_fast.config_io`)::
+
+    from mgrpo_fast.config_io import load_config
+
+    cfg = load_config("configs/mgrpo_default.yaml", ["--layer2.group_size=2", "--loss.delta", "null"])
+    cfg.save_resolved()  # {logging.run_dir}/config.yaml, written atomically
+
+YAML floats such as ``1e-6`` are numbers (YAML 1.2). An override value is read as YAML
+(``--layer2.guiding_phrases='["a", "b"]'``, ``--loss.delta=null``); where that does not fit a string
+field the raw text is kept (``--data.system_prompt='Be: brief'``).
+
+**Equal rollout budget.** Per question MGRPO generates ``G1`` layer-1 completions (at most
+``T1 = rollout.max_new_tokens`` tokens each) and ``G2`` continuations (at most
+``T2 = layer2.max_new_tokens``) for each of ``|S|`` selected first answers: ``|S| = G1`` for
+``all``, ``min(k, G1)`` for ``sample:k``, at most ``G1`` for ``wrong_only`` (charged at that bound, so
+GRPO never gets less). GRPO, which has layer 1 only, gets ``G1' = G1 + ceil(|S| * G2 * T2 / T1)``
+(``G1 * (1 + G2)`` = 40 for the defaults): the same completion tokens per question at the
+``max_new_tokens`` caps, the same number of completions when ``T2 = T1``, and the same
+``optim.questions_per_step``. Prefill is not counted (layer-2 prompts also hold ``o_i``).
+``layer1.group_size: auto`` (default) resolves to ``layer1.mgrpo_group_size`` (8) for ``mgrpo`` and to
+``G1'`` for ``grpo`` in :meth:`TrainConfig.resolved`, so one file run with ``--algo grpo`` and with
+``--algo mgrpo`` compares at equal budget; an explicit ``group_size`` is used as given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+import operator
+import os
+import re
+import tempfile
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+from .data import DEFAULT_GUIDING_PHRASES, DEFAULT_INSTRUCTION, FORMATS
+from .dispatch import IMPLS
+from .loss import LossOptions
+from .reference import ADVANTAGE_SCALES
+
+ALGOS = ("mgrpo", "grpo")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_LOSS = LossOptions()  # its defaults are the loss section's
+_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="),
+           "lt": (operator.lt, "<")}  # fmt: skip
+_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; ``path`` is its dotted field path (``layer2.group_size``)."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def _fail(path: str, expected: str, value: Any) -> typing.NoReturn:
+    raise ConfigError(f"{path}: expected {expected}, got {value!r}", path)
+
+
+# --------------------------------------------------------------------------------------------
+# Values -> annotated field types
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Raw:
+    """An override: its YAML reading and its raw text (kept when a string field rejects a scalar or
+    mapping reading: ``--data.system_prompt='Be: brief'``, ``--model.path=123``)."""
+
+    text: str
+    parsed: Any
+
+    def __repr__(self) -> str:
+        return repr(self.parsed)
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType) or origin is Literal:
+        return " or ".join(repr(a) if origin is Literal else _type_name(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_type_name(args[0]) if args[-1] is Ellipsis else f'{len(args)} numbers'}"
+    if origin is dict:
+        return f"a mapping of string to {_type_name(args[1])}"
+    return f"a mapping (section {tp._section})" if dataclasses.is_dataclass(tp) else _NAMES[tp]
+
+
+def _accepts_str(tp: Any) -> bool:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return any(_accepts_str(a) for a in typing.get_args(tp))
+    return tp is str or (typing.get_origin(tp) is tuple and typing.get_args(tp)[0] is str)
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """``value`` as the annotation ``tp`` (ints -> floats, lists -> tuples, dicts -> sections)."""
+    if isinstance(value, _Raw):
+        try:
+            return _convert(value.parsed, tp, path)
+        except ConfigError:
+            if _accepts_str(tp) and not isinstance(value.parsed, (str, list)):
+                return _convert(value.text, tp, path)
+            raise
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        arms = [a for a in args if a is not type(None)]
+        if value is None and len(arms) < len(args):
+            return None
+        if len(arms) == 1:  # Optional[X]: X's own, more precise error
+            return _convert(value, arms[0], path)
+        for arm in arms:
+            try:
+                return _convert(value, arm, path)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+    elif tp in (bool, str):
+        if isinstance(value, tp):
+            return value
+    elif tp in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if tp is float or isinstance(value, int) or value.is_integer():
+            return tp(value)
+    elif origin is tuple:
+        value = [value] if isinstance(value, str) and args[-1] is Ellipsis else value
+        if isinstance(value, (list, tuple)) and (args[-1] is Ellipsis or len(value) == len(args)):
+            types_ = [args[0]] * len(value) if args[-1] is Ellipsis else args
+            return tuple(_convert(v, t, f"{path}[{i}]") for i, (v, t) in enumerate(zip(value, types_)))
+    elif origin is dict:
+        if isinstance(value, dict):
+            return {_convert(k, args[0], path): _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    elif dataclasses.is_dataclass(tp) and isinstance(value, (tp, dict)):  # a section (or its mapping)
+        return value if isinstance(value, tp) else _from_dict(tp, value, path)
+    _fail(path, _type_name(tp), value)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _from_dict(cls: type, data: Any, path: str) -> Any:
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(data, dict):
+        _fail(path or "config", f"a mapping with keys {', '.join(names)}", data)
+    for key in data:
+        if key not in names:
+            full = f"{path}.{key}" if path else str(key)
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            where = f" of {path}" if path else ""
+            raise ConfigError(f"{full}: unknown key{hint}; valid keys{where}: {', '.join(names)}", full)
+    return cls(**data)
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses -> dicts, tuples -> lists: what YAML writes."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return {k: _plain(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+def _v(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
+       choices: Sequence | None = None, **bounds: float) -> Any:  # fmt: skip
+    """A field with its checks: ``choices`` and bounds ``ge/gt/le/lt`` (null and ``auto`` skip them)."""
+    return field(default=default, default_factory=factory, metadata={"choices": choices, "bounds": bounds})
+
+
+class _Section:
+    """Base of the sections: converts each field to its annotation, checks it, then ``_validate()``."""
+
+    _section = ""  # dotted path of the section in TrainConfig
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            path = self._path(f.name)
+            value = _convert(getattr(self, f.name), _hints(type(self))[f.name], path)
+            object.__setattr__(self, f.name, value)
+            if value is None or value == "auto":
+                continue
+            choices, bounds = f.metadata.get("choices"), f.metadata.get("bounds", {})
+            if choices is not None and value not in choices:
+                _fail(path, f"one of {', '.join(map(repr, choices))}", value)
+            for x in value if isinstance(value, tuple) else (value,):
+                if not all(_BOUNDS[op][0](x, b) for op, b in bounds.items()):
+                    limits = " and ".join(f"{_BOUNDS[op][1]} {b}" for op, b in bounds.items())
+                    _fail(path, f"{'an integer' if isinstance(x, int) else 'a number'} {limits}", value)
+        self._validate()
+
+    def _path(self, name: str) -> str:
+        return f"{self._section}.{name}" if self._section else name
+
+    def _validate(self) -> None:
+        pass
+
+    def _require(self, name: str, ok: bool, expected: str) -> None:
+        if not ok:
+            _fail(self._path(name), expected, getattr(self, name))
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig(_Section):
+    """Policy and reference (``mgrpo_fast.model.load_policy``).
+
+    ``path``: local ``save_pretrained`` directory (null = the bundled demo model); ``tokenizer_path``:
+    null = ``path``; ``dtype``: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16``,
+    ``float16`` (``fp32``/``bf16``/``fp16`` accepted); ``attn_implementation``: ``mgrpo_packed`` (packed
+    varlen) or a transformers one; ``gradient_checkpointing``: recompute decoder layers in the
+    backward; ``liger_kernels``: liger-kernel's RMSNorm/SwiGLU/RoPE; ``ref_path``: the frozen reference,
+    loaded only when ``loss.beta > 0`` (null = same as the policy, ``path``).
+    """
+
+    _section = "model"
+    path: str | None = None
+    tokenizer_path: str | None = None
+    dtype: str = "auto"
+    attn_implementation: str = "mgrpo_packed"
+    gradient_checkpointing: bool = False
+    liger_kernels: bool = False
+    ref_path: str | None = None
+
+    def _validate(self) -> None:
+        object.__setattr__(self, "dtype", _DTYPE_ALIASES.get(self.dtype.lower(), self.dtype.lower()))
+        self._require("dtype", self.dtype in DTYPES, f"one of {', '.join(DTYPES)}")
+        self._require("attn_implementation", bool(self.attn_implementation.strip()), "a non-empty string")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig(_Section):
+    """Problems and prompts (``mgrpo_fast.data.load_problems`` / ``build_prompt``).
+
+    ``train_files``, ``eval_files``: JSONL/Parquet paths (a string or a list; empty = the bundled
+    task); ``format``: ``auto`` (per file), ``gsm8k``, ``math``; ``file_type``: ``auto`` (by extension),
+    ``jsonl``, ``parquet``; ``question_field``, ``answer_field``, ``solution_field``, ``id_field``: null =
+    the format's names; ``dedupe``: drop repeated questions; ``shuffle``: shuffle the training problems
+    with ``shuffle_seed`` (null = the top-level ``seed``); ``limit``, ``eval_limit``: keep at most this
+    many (null = all); ``template``: ``chat`` (the tokenizer's chat template when it has one) or
+    ``plain``; ``system_prompt``: optional system turn; ``instruction``: appended to the question (null
+    = none); ``max_prompt_tokens``: longer prompts are skipped and counted (null = no limit).
+    """
+
+    _section = "data"
+    train_files: tuple[str, ...] = ()
+    eval_files: tuple[str, ...] = ()
+    format: str = _v("auto", choices=("auto", *FORMATS))
+    file_type: str = _v("auto", choices=("auto", "jsonl", "parquet"))
+    question_field: str | None = None
+    answer_field: str | None = None
+    solution_field: str | None = None
+    id_field: str | None = None
+    dedupe: bool = False
+    shuffle: bool = True
+    shuffle_seed: int | None = _v(None, ge=0)
+    limit: int | None = _v(None, ge=0)
+    eval_limit: int | None = _v(None, ge=0)
+    template: str = _v("chat", choices=("chat", "plain"))
+    system_prompt: str | None = None
+    instruction: str | None = DEFAULT_INSTRUCTION
+    max_prompt_tokens: int | None = _v(None, ge=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutConfig(_Section):
+    """Sampling of both layers (``mgrpo_fast.rollout``).
+
+    ``backend``: ``hf_generate`` (transformers ``generate``, KV cache); ``temperature`` (> 0; the
+    update's log-probs use it too), ``top_p`` (1 = off), ``top_k`` (0 = off); ``max_new_tokens``: cap
+    ``T1`` of a layer-1 completion; ``stop``: strings that end a completion (besides EOS);
+    ``batch_size``: sequences per ``generate`` call; ``seed``: null = the top-level ``seed``;
+    ``return_logprobs``: also return the sampling log-probs.
+    """
+
+    _section = "rollout"
+    backend: str = _v("hf_generate", choices=("hf_generate",))
+    temperature: float = _v(1.0, gt=0)
+    top_p: float = _v(1.0, gt=0, le=1)
+    top_k: int = _v(0, ge=0)
+    max_new_tokens: int = _v(512, ge=1)
+    stop: tuple[str, ...] = ()
+    batch_size: int = _v(64, ge=1)
+    seed: int | None = _v(None, ge=0)
+    return_logprobs: bool = False
+
+    def _validate(self) -> None:
+        self._require("stop", all(self.stop), "a list of non-empty strings")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layer1Config(_Section):
+    """Layer 1 (solve): ``G1`` responses per question, advantages normalized within that group.
+
+    ``group_size``: ``G1``; ``auto`` (or null) = ``mgrpo_group_size`` for ``mgrpo`` and the equal-budget
+    ``G1'`` (module docstring, :func:`equal_budget_group_size`) for ``grpo``; an integer is used as is.
+    ``mgrpo_group_size``: the MGRPO ``G1`` that ``auto`` stands for (DESIGN §2: 8).
+    """
+
+    _section = "layer1"
+    group_size: int | Literal["auto"] | None = _v("auto", ge=1)
+    mgrpo_group_size: int = _v(8, ge=1)
+
+    def _validate(self) -> None:
+        object.__setattr__(self, "group_size", "auto" if self.group_size is None else self.group_size)
+
+
+def parse_selection(selection: str, path: str = "layer2.selection") -> tuple[str, int | None]:
+    """``"all" | "wrong_only" | "sample:k"`` -> ``(mode, k)``: ``("sample", 2)``, ``("all", None)``."""
+    if selection in ("all", "wrong_only"):
+        return selection, None
+    m = re.fullmatch(r"sample:\s*(\d+)", selection.strip()) if isinstance(selection, str) else None
+    if m is None or int(m[1]) < 1:
+        _fail(path, "'all', 'wrong_only' or 'sample:k' with an integer k >= 1", selection)
+    return "sample", int(m[1])
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layer2Config(_Section):
+    """Layer 2 (self-correct), DESIGN §2.
+
+    ``enabled``: ``auto`` = on for ``mgrpo``, off for ``grpo`` (an explicit value must agree with
+    ``algo``); ``group_size``: ``G2`` continuations per selected (q, o_i); ``selection``: ``all``,
+    ``wrong_only`` or ``sample:k`` (k first answers per question, drawn at random); ``guiding_phrases``:
+    one drawn at random per (q, o_i) (default: DESIGN's five); ``separator``: text between o_i and the
+    phrase; ``shaping_alpha``: α >= 0, +α wrong->right, -α right->wrong; ``loss_weight``: λ2, weight of
+    the layer-2 loss; ``max_new_tokens``: continuation cap ``T2`` (null = ``rollout.max_new_tokens``).
+    """
+
+    _section = "layer2"
+    enabled: bool | Literal["auto"] = "auto"
+    group_size: int = _v(4, ge=1)
+    selection: str = "all"
+    guiding_phrases: tuple[str, ...] = DEFAULT_GUIDING_PHRASES
+    separator: str = "\n\n"
+    shaping_alpha: float = _v(0.0, ge=0)
+    loss_weight: float = _v(1.0, ge=0)
+    max_new_tokens: int | None = _v(None, ge=1)
+
+    def _validate(self) -> None:
+        mode, k = parse_selection(self.selection, self._path("selection"))
+        object.__setattr__(self, "selection", mode if k is None else f"sample:{k}")
+        self._require("guiding_phrases", len(self.guiding_phrases) > 0, "a non-empty list of phrases")
+        for i, phrase in enumerate(self.guiding_phrases):
+            if not phrase.strip():
+                _fail(f"{self._path('guiding_phrases')}[{i}]", "a non-empty phrase", phrase)
+
+    @property
+    def selection_mode(self) -> str:
+        """``all``, ``wrong_only`` or ``sample``."""
+        return parse_selection(self.selection)[0]
+
+    @property
+    def selection_k(self) -> int | None:
+        """The ``k`` of ``sample:k``, else None."""
+        return parse_selection(self.selection)[1]
+
+
+def equal_budget_group_size(g1: int, g2: int, selection: str = "all", max_new_tokens: int = 1,
+                            layer2_max_new_tokens: int | None = None) -> int:  # fmt: skip
+    """GRPO's group size at the rollout budget of MGRPO with ``G1 = g1``, ``G2 = g2``, ``selection``,
+    ``T1 = max_new_tokens``, ``T2 = layer2_max_new_tokens`` (None = T1): ``G1 + ceil(|S| * G2 * T2 / T1)``,
+    ``|S| = G1`` (``all``; ``wrong_only`` at its upper bound) or ``min(k, G1)`` (``sample:k``).
+    ``equal_budget_group_size(8, 4) == 40``; ``(8, 4, "sample:2") == 16``."""
+    t2 = max_new_tokens if layer2_max_new_tokens is None else layer2_max_new_tokens
+    checks = {"g1": g1, "g2": g2, "max_new_tokens": max_new_tokens, "layer2_max_new_tokens": t2}
+    for name, v in checks.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            _fail(name, "an integer >= 1", v)
+    k = parse_selection(selection, "selection")[1]
+    selected = g1 if k is None else min(k, g1)
+    return g1 + -(-selected * g2 * t2 // max_new_tokens)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardConfig(_Section):
+    """Rewards (``mgrpo_fast.reward_scorer.RewardScorer``; :meth:`scorer_fns` gives its entries).
+
+    ``functions``: mapping ``"module:function"`` (or ``"file.py:function"``) -> weight (default: the
+    verifier ``mgrpo_fast.rewards:correctness_reward``, weight 1); ``format_weight``: weight of
+    ``mgrpo_fast.rewards:format_reward`` (0 = off); ``timeout_s``: per-call limit (a hanging or raising
+    call scores 0 and is counted; null = none); ``num_workers``: scorer processes (0 = in-process).
+    """
+
+    _section = "reward"
+    functions: dict[str, float] = _v(factory=lambda: {"mgrpo_fast.rewards:correctness_reward": 1.0})
+    format_weight: float = 0.0
+    timeout_s: float | None = _v(10.0, gt=0)
+    num_workers: int = _v(2, ge=0)
+
+    def _validate(self) -> None:
+        self._require("functions", len(self.functions) > 0, "at least one 'module:function': weight")
+        for spec, weight in self.functions.items():
+            mod, sep, attr = spec.rpartition(":")
+            if not (sep and mod.strip() and attr.strip() and math.isfinite(weight)):
+                _fail(f"{self._path('functions')}.{spec}", "'module:function': finite weight", weight)
+        self._require("format_weight", math.isfinite(self.format_weight), "a finite number")
+
+    def scorer_fns(self) -> list[tuple[str, float]]:
+        """``[(spec, weight)]`` for ``RewardScorer``, the format reward included when its weight is not 0."""
+        fmt = [("mgrpo_fast.rewards:format_reward", self.format_weight)] if self.format_weight else []
+        return list(self.functions.items()) + fmt
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig(_Section):
+    """The objective of both layers (:meth:`options` gives the :class:`~mgrpo_fast.loss.LossOptions`).
+
+    ``loss_type``, ``epsilon_low``, ``epsilon_high``, ``delta``, ``beta``, ``kl_estimator``,
+    ``importance_sampling_level``, ``max_completion_length``: as in ``LossOptions``, with its defaults
+    and checks (``dapo``, 0.2, 0.2, null = no dual clip, 0 = no reference model, ``k3``, ``token``,
+    null); ``advantage_scale``: ``group`` (group std), ``batch`` or ``none`` (Dr. GRPO);
+    ``advantage_eps``: added to the std; ``drop_zero_variance_groups``: drop groups whose rewards are
+    all equal before the update (counted); ``mu``: updates per rollout batch (TRL's
+    ``num_iterations``; > 1 computes old log-probs once); ``impl``: ``auto``, ``torch`` or ``triton``.
+    """
+
+    _section = "loss"
+    loss_type: str = _LOSS.loss_type
+    epsilon_low: float = _LOSS.epsilon_low
+    epsilon_high: float = _LOSS.epsilon_high
+    delta: float | None = _LOSS.delta
+    beta: float = _LOSS.beta
+    kl_estimator: str = _LOSS.kl_estimator
+    importance_sampling_level: str = _LOSS.importance_sampling_level
+    max_completion_length: int | None = _LOSS.max_completion_length
+    advantage_scale: str = _v("group", choices=ADVANTAGE_SCALES)
+    advantage_eps: float = _v(1e-6, ge=0)
+    drop_zero_variance_groups: bool = True
+    mu: int = _v(1, ge=1)
+    impl: str = _v("auto", choices=IMPLS)
+
+    def _validate(self) -> None:
+        try:
+            self.options()
+        except ValueError as e:  # LossOptions' messages start with the field name
+            raise ConfigError(f"loss.{e}", self._path(str(e).split(":", 1)[0])) from None
+
+    def options(self) -> LossOptions:
+        """The ``LossOptions`` for ``grpo_loss`` / ``fused_linear_grpo_loss``."""
+        return LossOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossOptions)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig(_Section):
+    """Optimizer, schedule and batch sizes.
+
+    ``lr``: AdamW peak learning rate; ``betas``, ``eps``, ``weight_decay``: AdamW's; ``warmup_steps``:
+    linear warmup from 0 (may exceed ``total_steps``: the peak is then never reached); ``schedule``:
+    then ``cosine`` or ``linear`` (to ``min_lr_ratio`` * lr at ``total_steps``; ``min_lr_ratio`` in
+    [0, 1]) or ``constant``; ``grad_clip``: max global grad norm (null = off);
+    ``max_tokens_per_microbatch``: token budget of a packed micro-batch (both layers together);
+    ``packing_balance``: ``attention`` or ``tokens`` (``plan_microbatches``); ``questions_per_step``:
+    distinct questions per step over all ranks (equal for GRPO and MGRPO); ``total_steps``.
+    """
+
+    _section = "optim"
+    lr: float = _v(1e-6, gt=0)
+    betas: tuple[float, float] = _v((0.9, 0.999), ge=0, lt=1)
+    eps: float = _v(1e-8, gt=0)
+    weight_decay: float = _v(0.0, ge=0)
+    warmup_steps: int = _v(0, ge=0)
+    schedule: str = _v("cosine", choices=("cosine", "linear", "constant"))
+    min_lr_ratio: float = _v(0.0, ge=0, le=1)
+    grad_clip: float | None = _v(1.0, gt=0)
+    max_tokens_per_microbatch: int = _v(16384, ge=1, lt=2**31)
+    packing_balance: str = _v("attention", choices=("attention", "tokens"))
+    questions_per_step: int = _v(32, ge=1)
+    total_steps: int = _v(200, ge=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig(_Section):
+    """Checkpoints (written atomically: temp dir, then rename).
+
+    ``dir``: null = ``{logging.run_dir}/checkpoints``; ``every``: save every K steps (0 = only at the
+    end); ``keep_last``: keep the newest n (null = all); ``resume``: false = fresh run, true = the newest
+    checkpoint in ``dir``, a path = that checkpoint (``--resume`` on the command line = true);
+    ``export_final``: ``save_pretrained`` the final model to ``{run_dir}/final``.
+    """
+
+    _section = "checkpoint"
+    dir: str | None = None
+    every: int = _v(50, ge=0)
+    keep_last: int | None = _v(2, ge=1)
+    resume: bool | str = False
+    export_final: bool = True
+
+    def _validate(self) -> None:
+        self._require("resume", self.resume != "", "true, false or a checkpoint path")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingConfig(_Section):
+    """Run directory and metric sinks (rank 0 only).
+
+    ``run_dir``: holds ``config.yaml``, metrics and checkpoints (``{algo}`` and ``{seed}`` are filled
+    in by :meth:`TrainConfig.resolved`); ``jsonl``: ``metrics.jsonl``; ``tensorboard``: event files
+    (skipped with a warning if not installed); ``wandb``: Weights & Biases, project ``wandb_project``;
+    ``log_every``: metrics every n steps; ``progress``: a progress bar.
+    """
+
+    _section = "logging"
+    run_dir: str = "runs/{algo}"
+    jsonl: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "mgrpo_fast"
+    log_every: int = _v(1, ge=1)
+    progress: bool = True
+
+    def _validate(self) -> None:
+        try:
+            ok = bool(self.run_dir.format(algo="grpo", seed=0).strip())
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        self._require("run_dir", ok, "a non-empty path whose only {placeholders} are {algo} and {seed}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig(_Section):
+    """Multi-process training under ``torchrun`` (one process without it).
+
+    ``engine``: ``auto`` (= ``fsdp2``), ``fsdp2`` (``fully_shard`` per decoder layer) or ``deepspeed``;
+    ``zero_stage``: DeepSpeed ZeRO stage 2 or 3; ``mixed_precision``: ``auto`` (bf16 on CUDA, off on
+    CPU), ``bf16``, ``fp16``, ``no``; ``reduce_dtype``: gradient reduction dtype; ``backend``: ``auto``
+    (nccl on CUDA, gloo on CPU), ``nccl``, ``gloo``; ``reshard_after_forward``: FSDP2 frees gathered
+    parameters after the forward.
+    """
+
+    _section = "parallel"
+    engine: str = _v("auto", choices=("auto", "fsdp2", "deepspeed"))
+    zero_stage: int = _v(2, choices=(2, 3))
+    mixed_precision: str = _v("auto", choices=("auto", "bf16", "fp16", "no"))
+    reduce_dtype: str = _v("float32", choices=("float32", "bfloat16"))
+    backend: str = _v("auto", choices=("auto", "nccl", "gloo"))
+    reshard_after_forward: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(_Section):
+    """The whole run.
+
+    ``algo``: ``mgrpo`` (both layers) or ``grpo`` (layer 1 only), compared at an equal rollout budget:
+    with ``layer1.group_size: auto`` GRPO gets ``G1' = G1 + ceil(|S|·G2·T2/T1)`` (``G1·(1+G2)`` = 40
+    with the defaults), the layer2 section describing the MGRPO run it is matched to (module docstring).
+    ``seed``: seeds what is not seeded explicitly (data order, sampling, phrase draws). ``model``,
+    ``data``, ``rollout``, ``layer1``, ``layer2``, ``reward``, ``loss``, ``optim``, ``checkpoint``,
+    ``logging``, ``parallel``: the sections above.
+    """
+
+    algo: str = _v("mgrpo", choices=ALGOS)
+    seed: int = _v(0, ge=0)
+    model: ModelConfig = _v(factory=ModelConfig)
+    data: DataConfig = _v(factory=DataConfig)
+    rollout: RolloutConfig = _v(factory=RolloutConfig)
+    layer1: Layer1Config = _v(factory=Layer1Config)
+    layer2: Layer2Config = _v(factory=Layer2Config)
+    reward: RewardConfig = _v(factory=RewardConfig)
+    loss: LossConfig = _v(factory=LossConfig)
+    optim: OptimConfig = _v(factory=OptimConfig)
+    checkpoint: CheckpointConfig = _v(factory=CheckpointConfig)
+    logging: LoggingConfig = _v(factory=LoggingConfig)
+    parallel: ParallelConfig = _v(factory=ParallelConfig)
+
+    def _validate(self) -> None:
+        enabled = self.layer2.enabled
+        if enabled != "auto" and enabled != (self.algo == "mgrpo"):
+            raise ConfigError(f"layer2.enabled: {enabled} contradicts algo: {self.algo} (mgrpo trains both "
+                              "layers, grpo layer 1 only); leave it auto", "layer2.enabled")  # fmt: skip
+        g1 = self.layer1.group_size
+        g1 = self.layer1.mgrpo_group_size if g1 == "auto" or self.algo == "grpo" else g1
+        k = self.layer2.selection_k
+        if k is not None and k > g1:
+            raise ConfigError(f"layer2.selection: sample:{k} selects more than the {g1} layer-1 responses "
+                              "per question (layer1.group_size)", "layer2.selection")  # fmt: skip
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every ``auto``/null derived value filled in (idempotent): ``layer1.group_size``
+        (the equal-budget rule for grpo), ``layer2.enabled``, ``layer2.max_new_tokens``, the seeds,
+        ``model.tokenizer_path``/``ref_path``, ``logging.run_dir`` and ``checkpoint.dir``."""
+        l1, l2, rep, seed = self.layer1, self.layer2, dataclasses.replace, self.seed
+        t2 = l2.max_new_tokens or self.rollout.max_new_tokens
+        g1 = l1.mgrpo_group_size if l1.group_size == "auto" else l1.group_size
+        if l1.group_size == "auto" and self.algo == "grpo":
+            g1 = equal_budget_group_size(g1, l2.group_size, l2.selection, self.rollout.max_new_tokens, t2)
+        run_dir = self.logging.run_dir.format(algo=self.algo, seed=seed)
+        ckpt = os.path.join(run_dir, "checkpoints") if self.checkpoint.dir is None else self.checkpoint.dir
+
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        return rep(
+            self,
+            model=rep(self.model, tokenizer_path=pick(self.model.tokenizer_path, self.model.path),
+                      ref_path=pick(self.model.ref_path, self.model.path)),
+            data=rep(self.data, shuffle_seed=pick(self.data.shuffle_seed, seed)),
+            rollout=rep(self.rollout, seed=pick(self.rollout.seed, seed)),
+            layer1=rep(l1, group_size=g1),
+            layer2=rep(l2, enabled=self.algo == "mgrpo", max_new_tokens=t2),
+            checkpoint=rep(self.checkpoint, dir=ckpt),
+            logging=rep(self.logging, run_dir=run_dir),
+        )  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """From nested dicts; unknown keys and bad values raise :class:`ConfigError`."""
+        return _from_dict(cls, data, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=10**6)
+
+    def save_resolved(self, run_dir: str | os.PathLike | None = None) -> str:
+        """Write ``self.resolved()`` to ``{run_dir}/config.yaml`` (default: its ``logging.run_dir``)
+        atomically (temp file in that directory, fsync, ``os.replace``); returns the file's path."""
+        cfg = self.resolved()
+        run_dir = os.fspath(cfg.logging.run_dir if run_dir is None else run_dir)
+        os.makedirs(run_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".config.yaml.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(cfg.to_yaml())
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600
+            os.replace(tmp, os.path.join(run_dir, "config.yaml"))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return os.path.join(run_dir, "config.yaml")
+
+
+# --------------------------------------------------------------------------------------------
+# YAML, command line, loading
+# --------------------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """SafeLoader reading ``1e-6`` / ``1e3`` as floats (YAML 1.2), not strings."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper quoting the strings ``_Loader`` would read as floats."""
+
+
+_FLOAT_RE = re.compile(
+    r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+    r"|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+_Dumper.add_representer(str, lambda dumper, s: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", s, style='"' if "\n" in s else None))  # fmt: skip
