@@ -121,13 +121,13 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((name, loss, metrics, h.grad, w.grad, time.perf_counter() - start, saved))
 
     keys = list(rows[1][2])
-    print(f"\n{'':24}" + "".join(f"{name:>26}" for name, *_ in rows))
+    print(f"\n{'':30}" + "".join(f"{name:>26}" for name, *_ in rows))
     table = [("loss", [f"{float(r[1].detach()):.8f}" for r in rows])]
     table += [(k, [f"{float(r[2][k]):.6f}" for r in rows]) for k in keys]
     table += [("fwd+bwd seconds", [f"{r[5]:.3f}" for r in rows])]
     table += [("saved for backward MiB", [f"{r[6] / 2**20:.1f}" for r in rows])]
     for label, cells in table:
-        print(f"{label:24}" + "".join(f"{c:>26}" for c in cells))
+        print(f"{label:30}" + "".join(f"{c:>26}" for c in cells))
     (_, l1, _, gh1, gw1, *_), (_, l2, _, gh2, gw2, *_) = rows
     print(
         f"\n|loss diff| = {abs(float((l1 - l2).detach())):.2e}"
