@@ -153,15 +153,19 @@ class GRPOLoss(nn.Module):
             ref_hidden = ref_input
             if ref_hidden.dim() == 2 and selected_token_ids.dim() == 2:
                 ref_hidden = ref_hidden.reshape(*selected_token_ids.shape, ref_hidden.shape[-1])
-            with torch.no_grad():
-                ref_logp = linear_logprobs(
+            with torch.no_grad():  # only the masked-in rows: padding costs nothing
+                rows = torch.nonzero(attention_mask.reshape(-1), as_tuple=True)[0]
+                ref_rows = linear_logprobs(
                     ref_hidden,
                     ref_weight,
-                    selected_token_ids.masked_fill(attention_mask == 0, 0),
+                    selected_token_ids,
                     bias=ref_bias,
                     temperature=self.temperature,
+                    row_index=rows,
                     impl=self.impl,
                 )
+                ref_logp = ref_rows.new_zeros(selected_token_ids.numel()).index_copy(0, rows, ref_rows)
+                ref_logp = ref_logp.reshape(selected_token_ids.shape)
         o = self.options
         try:
             loss, metrics = fused_linear_grpo_loss(
