@@ -7,6 +7,7 @@ import random
 import sys
 
 import pytest
+from conftest import CHATML, byte_tokenizer
 
 from mgrpo_fast.data import (
     DEFAULT_GUIDING_PHRASES,
@@ -253,38 +254,14 @@ def test_bad_paths_and_arguments(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Prompts: a tiny byte-level tokenizer built here, with and without a chat template
 # --------------------------------------------------------------------------------------------
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def _tiny_tokenizer(chat_template: str | None):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
-        chat_template=chat_template,
-    )
-
-
 @pytest.fixture(scope="module")
 def chat_tok():
-    return _tiny_tokenizer(CHATML)
+    return byte_tokenizer(CHATML)
 
 
 @pytest.fixture(scope="module")
 def plain_tok():
-    return _tiny_tokenizer(None)
+    return byte_tokenizer(None)
 
 
 PROBLEM = Problem(id="p1", question="What is 2+3?", answer="5")

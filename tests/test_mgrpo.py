@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from conftest import CHATML, byte_tokenizer
 
 from mgrpo_fast.advantages import group_advantages
 from mgrpo_fast.data import DEFAULT_GUIDING_PHRASES, DEFAULT_INSTRUCTION, Problem, build_prompt_ids
@@ -23,33 +24,10 @@ from mgrpo_fast.reward_scorer import RewardScorer
 from mgrpo_fast.rewards import correctness_reward
 from mgrpo_fast.rollout import Completion, RolloutBackend, SamplingParams
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
-        chat_template=CHATML,
-    )
-
 
 @pytest.fixture(scope="module")
 def tok():
-    return _tiny_tokenizer()
+    return byte_tokenizer(CHATML)
 
 
 @pytest.fixture(scope="module")
