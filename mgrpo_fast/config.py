@@ -30,21 +30,27 @@ GRPO never gets less). GRPO, which has layer 1 only, gets ``G1' = G1 + ceil(|S| 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
 import math
-import operator
 import os
 import re
 import tempfile
-import types
-import typing
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import yaml
 
+from .config_fields import (  # noqa: F401
+    ConfigError,
+    _Dumper,
+    _fail,
+    _from_dict,
+    _hints,
+    _Loader,
+    _plain,
+    _Raw,
+    _Section,
+    _v,
+)
 from .data import DEFAULT_GUIDING_PHRASES, DEFAULT_INSTRUCTION, FORMATS
 from .dispatch import IMPLS
 from .loss import LossOptions
@@ -54,162 +60,6 @@ ALGOS = ("mgrpo", "grpo")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _LOSS = LossOptions()  # its defaults are the loss section's
-_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="),
-           "lt": (operator.lt, "<")}  # fmt: skip
-_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-
-
-class ConfigError(ValueError):
-    """A bad configuration key or value; ``path`` is its dotted field path (``layer2.group_size``)."""
-
-    def __init__(self, message: str, path: str | None = None) -> None:
-        super().__init__(message)
-        self.path = path
-
-
-def _fail(path: str, expected: str, value: Any) -> typing.NoReturn:
-    raise ConfigError(f"{path}: expected {expected}, got {value!r}", path)
-
-
-# --------------------------------------------------------------------------------------------
-# Values -> annotated field types
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Raw:
-    """An override: its YAML reading and its raw text (kept when a string field rejects a scalar or
-    mapping reading: ``--data.system_prompt='Be: brief'``, ``--model.path=123``)."""
-
-    text: str
-    parsed: Any
-
-    def __repr__(self) -> str:
-        return repr(self.parsed)
-
-
-def _type_name(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType) or origin is Literal:
-        return " or ".join(repr(a) if origin is Literal else _type_name(a) for a in args)
-    if origin is tuple:
-        return f"a list of {_type_name(args[0]) if args[-1] is Ellipsis else f'{len(args)} numbers'}"
-    if origin is dict:
-        return f"a mapping of string to {_type_name(args[1])}"
-    return f"a mapping (section {tp._section})" if dataclasses.is_dataclass(tp) else _NAMES[tp]
-
-
-def _accepts_str(tp: Any) -> bool:
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return any(_accepts_str(a) for a in typing.get_args(tp))
-    return tp is str or (typing.get_origin(tp) is tuple and typing.get_args(tp)[0] is str)
-
-
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    """``value`` as the annotation ``tp`` (ints -> floats, lists -> tuples, dicts -> sections)."""
-    if isinstance(value, _Raw):
-        try:
-            return _convert(value.parsed, tp, path)
-        except ConfigError:
-            if _accepts_str(tp) and not isinstance(value.parsed, (str, list)):
-                return _convert(value.text, tp, path)
-            raise
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        arms = [a for a in args if a is not type(None)]
-        if value is None and len(arms) < len(args):
-            return None
-        if len(arms) == 1:  # Optional[X]: X's own, more precise error
-            return _convert(value, arms[0], path)
-        for arm in arms:
-            try:
-                return _convert(value, arm, path)
-            except ConfigError:
-                pass
-    elif origin is Literal:
-        if any(value == a and type(value) is type(a) for a in args):
-            return value
-    elif tp in (bool, str):
-        if isinstance(value, tp):
-            return value
-    elif tp in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if tp is float or isinstance(value, int) or value.is_integer():
-            return tp(value)
-    elif origin is tuple:
-        value = [value] if isinstance(value, str) and args[-1] is Ellipsis else value
-        if isinstance(value, (list, tuple)) and (args[-1] is Ellipsis or len(value) == len(args)):
-            types_ = [args[0]] * len(value) if args[-1] is Ellipsis else args
-            return tuple(_convert(v, t, f"{path}[{i}]") for i, (v, t) in enumerate(zip(value, types_)))
-    elif origin is dict:
-        if isinstance(value, dict):
-            return {_convert(k, args[0], path): _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
-    elif dataclasses.is_dataclass(tp) and isinstance(value, (tp, dict)):  # a section (or its mapping)
-        return value if isinstance(value, tp) else _from_dict(tp, value, path)
-    _fail(path, _type_name(tp), value)
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _from_dict(cls: type, data: Any, path: str) -> Any:
-    names = [f.name for f in dataclasses.fields(cls)]
-    if not isinstance(data, dict):
-        _fail(path or "config", f"a mapping with keys {', '.join(names)}", data)
-    for key in data:
-        if key not in names:
-            full = f"{path}.{key}" if path else str(key)
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            where = f" of {path}" if path else ""
-            raise ConfigError(f"{full}: unknown key{hint}; valid keys{where}: {', '.join(names)}", full)
-    return cls(**data)
-
-
-def _plain(value: Any) -> Any:
-    """Dataclasses -> dicts, tuples -> lists: what YAML writes."""
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return {k: _plain(v) for k, v in value.items()} if isinstance(value, dict) else value
-
-
-def _v(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
-       choices: Sequence | None = None, **bounds: float) -> Any:  # fmt: skip
-    """A field with its checks: ``choices`` and bounds ``ge/gt/le/lt`` (null and ``auto`` skip them)."""
-    return field(default=default, default_factory=factory, metadata={"choices": choices, "bounds": bounds})
-
-
-class _Section:
-    """Base of the sections: converts each field to its annotation, checks it, then ``_validate()``."""
-
-    _section = ""  # dotted path of the section in TrainConfig
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            path = self._path(f.name)
-            value = _convert(getattr(self, f.name), _hints(type(self))[f.name], path)
-            object.__setattr__(self, f.name, value)
-            if value is None or value == "auto":
-                continue
-            choices, bounds = f.metadata.get("choices"), f.metadata.get("bounds", {})
-            if choices is not None and value not in choices:
-                _fail(path, f"one of {', '.join(map(repr, choices))}", value)
-            for x in value if isinstance(value, tuple) else (value,):
-                if not all(_BOUNDS[op][0](x, b) for op, b in bounds.items()):
-                    limits = " and ".join(f"{_BOUNDS[op][1]} {b}" for op, b in bounds.items())
-                    _fail(path, f"{'an integer' if isinstance(x, int) else 'a number'} {limits}", value)
-        self._validate()
-
-    def _path(self, name: str) -> str:
-        return f"{self._section}.{name}" if self._section else name
-
-    def _validate(self) -> None:
-        pass
-
-    def _require(self, name: str, ok: bool, expected: str) -> None:
-        if not ok:
-            _fail(self._path(name), expected, getattr(self, name))
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,8 +70,9 @@ class ModelConfig(_Section):
     """Policy and reference (``mgrpo_fast.model.load_policy``).
 
     ``path``: local ``save_pretrained`` directory (null = the bundled demo model); ``tokenizer_path``:
-    null = ``path``; ``dtype``: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16``,
-    ``float16`` (``fp32``/``bf16``/``fp16`` accepted); ``attn_implementation``: ``mgrpo_packed`` (packed
+    null = ``path``; ``dtype``: the parameter (master weight) dtype: ``auto`` (= ``float32``; bf16
+    compute on CUDA comes from ``parallel.mixed_precision``), ``float32``, ``bfloat16``, ``float16``
+    (``fp32``/``bf16``/``fp16`` accepted); ``attn_implementation``: ``mgrpo_packed`` (packed
     varlen) or a transformers one; ``gradient_checkpointing``: recompute decoder layers in the
     backward; ``liger_kernels``: liger-kernel's RMSNorm/SwiGLU/RoPE; ``ref_path``: the frozen reference,
     loaded only when ``loss.beta > 0`` (null = same as the policy, ``path``).
@@ -465,7 +316,10 @@ class OptimConfig(_Section):
     [0, 1]) or ``constant``; ``grad_clip``: max global grad norm (null = off);
     ``max_tokens_per_microbatch``: token budget of a packed micro-batch (both layers together);
     ``packing_balance``: ``attention`` or ``tokens`` (``plan_microbatches``); ``questions_per_step``:
-    distinct questions per step over all ranks (equal for GRPO and MGRPO); ``total_steps``.
+    distinct questions per step over all ranks (equal for GRPO and MGRPO); ``total_steps``: training
+    steps (one rollout batch each, with ``loss.mu`` optimizer updates); ``max_nonfinite_updates``: an
+    update whose loss or gradient norm is NaN/Inf is skipped (logged, counted); this many in a row
+    stop the run with an error.
     """
 
     _section = "optim"
@@ -481,6 +335,7 @@ class OptimConfig(_Section):
     packing_balance: str = _v("attention", choices=("attention", "tokens"))
     questions_per_step: int = _v(32, ge=1)
     total_steps: int = _v(200, ge=1)
+    max_nonfinite_updates: int = _v(3, ge=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -532,6 +387,29 @@ class LoggingConfig(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalConfig(_Section):
+    """Two-pass evaluation (``mgrpo_fast.evaluate``: Acc@t1, Acc@t2, Δ, Δi→c, Δc→i) in training and
+    in ``mgrpo-eval``, on ``data.eval_files`` (empty = the bundled task's test split).
+
+    ``every``: every K training steps (0 = off); ``at_start`` / ``at_end``: before the first and after
+    the last step; ``num_problems``: the first n eval problems (null = all); ``temperature``: 0 =
+    greedy (both passes); ``max_new_tokens``: null = ``rollout.max_new_tokens`` for the first answer
+    and ``layer2.max_new_tokens`` for the correction; ``guiding_phrase``: null = the first of
+    ``layer2.guiding_phrases``; ``seed``: sampling seed when ``temperature > 0``.
+    """
+
+    _section = "eval"
+    every: int = _v(0, ge=0)
+    at_start: bool = False
+    at_end: bool = True
+    num_problems: int | None = _v(200, ge=1)
+    temperature: float = _v(0.0, ge=0)
+    max_new_tokens: int | None = _v(None, ge=1)
+    guiding_phrase: str | None = None
+    seed: int = _v(0, ge=0)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ParallelConfig(_Section):
     """Multi-process training under ``torchrun`` (one process without it).
 
@@ -560,7 +438,7 @@ class TrainConfig(_Section):
     with the defaults), the layer2 section describing the MGRPO run it is matched to (module docstring).
     ``seed``: seeds what is not seeded explicitly (data order, sampling, phrase draws). ``model``,
     ``data``, ``rollout``, ``layer1``, ``layer2``, ``reward``, ``loss``, ``optim``, ``checkpoint``,
-    ``logging``, ``parallel``: the sections above.
+    ``logging``, ``eval``, ``parallel``: the sections above.
     """
 
     algo: str = _v("mgrpo", choices=ALGOS)
@@ -575,6 +453,7 @@ class TrainConfig(_Section):
     optim: OptimConfig = _v(factory=OptimConfig)
     checkpoint: CheckpointConfig = _v(factory=CheckpointConfig)
     logging: LoggingConfig = _v(factory=LoggingConfig)
+    eval: EvalConfig = _v(factory=EvalConfig)
     parallel: ParallelConfig = _v(factory=ParallelConfig)
 
     def _validate(self) -> None:
@@ -646,24 +525,3 @@ class TrainConfig(_Section):
                 os.unlink(tmp)
             raise
         return os.path.join(run_dir, "config.yaml")
-
-
-# --------------------------------------------------------------------------------------------
-# YAML, command line, loading
-# --------------------------------------------------------------------------------------------
-class _Loader(yaml.SafeLoader):
-    """SafeLoader reading ``1e-6`` / ``1e3`` as floats (YAML 1.2), not strings."""
-
-
-class _Dumper(yaml.SafeDumper):
-    """SafeDumper quoting the strings ``_Loader`` would read as floats."""
-
-
-_FLOAT_RE = re.compile(
-    r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
-    r"|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-)
-for _cls in (_Loader, _Dumper):
-    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
-_Dumper.add_representer(str, lambda dumper, s: dumper.represent_scalar(
-    "tag:yaml.org,2002:str", s, style='"' if "\n" in s else None))  # fmt: skip

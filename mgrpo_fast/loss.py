@@ -79,12 +79,14 @@ class LossOptions:
 
 @dataclass(frozen=True)
 class FlatBatch:
-    """A batch in flat-row form: ``mask (N,)`` float, ``advantages (S,)`` or ``(N,)``."""
+    """A batch in flat-row form: ``mask (N,)`` float, ``advantages (S,)`` or ``(N,)``, and optional
+    caller-given reduction weights ``token_weight (N,)`` (see :func:`token_weights`)."""
 
     layout: SequenceLayout
     mask: torch.Tensor
     advantages: torch.Tensor
     advantages_per_seq: bool
+    token_weight: torch.Tensor | None = None
 
 
 def flatten_batch(
@@ -94,6 +96,7 @@ def flatten_batch(
     mask: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     device: torch.device,
+    token_weight: torch.Tensor | None = None,
 ) -> FlatBatch:
     """Validate the layout of a batch whose token tensors have ``token_shape`` and flatten it."""
     check_float("advantages", advantages)
@@ -137,7 +140,16 @@ def flatten_batch(
         check_shape("mask", mask, token_shape, "like the token tensors")
         flat_mask = mask.reshape(-1).to(torch.float32 if not mask.is_floating_point() else mask.dtype)
         check_finite("mask", flat_mask)
-    return FlatBatch(layout=layout, mask=flat_mask, advantages=adv, advantages_per_seq=per_seq)
+    if token_weight is not None:
+        check_float("token_weight", token_weight)
+        check_shape("token_weight", token_weight, token_shape, "like the token tensors")
+        check_same_device(token_name, torch.empty(0, device=device), token_weight=token_weight)
+        check_finite("token_weight", token_weight)
+        low = float(token_weight.min()) if token_weight.numel() else 0.0
+        if low < 0:
+            raise ValueError(f"token_weight: expected weights >= 0, got a minimum of {low}")
+        token_weight = token_weight.reshape(-1)
+    return FlatBatch(layout, flat_mask, adv, per_seq, token_weight)
 
 
 def _check_token_tensor(
@@ -155,8 +167,13 @@ def token_weights(batch: FlatBatch, options: LossOptions, dtype: torch.dtype) ->
 
     * ``dapo``, ``bnpo``, ``cispo``: ``1 / max(1, M)`` (``M`` = mask sum of the batch);
     * ``grpo``: ``1 / (S · max(1, M_i))`` for a row of sequence ``i`` (token mean, then sequence mean);
-    * ``dr_grpo``: ``1 / (S · L)``.
+    * ``dr_grpo``: ``1 / (S · L)``;
+    * given ``batch.token_weight``: that, whatever the loss type. A trainer that splits one batch into
+      micro-batches (and ranks) passes the weights of the *whole* batch, so the micro-batch losses sum
+      to the loss of the whole batch (``mgrpo_fast.update.global_sequence_weights``).
     """
+    if batch.token_weight is not None:
+        return batch.token_weight.to(dtype)
     lay, m = batch.layout, batch.mask.to(dtype)
     num_seqs = max(lay.num_seqs, 1)
     if options.loss_type == "grpo":
@@ -306,6 +323,7 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     entropy: torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped GRPO loss on per-token log-probs.
@@ -318,6 +336,9 @@ def grpo_loss(
         mask: like ``logp``; 1 where the token carries the loss. ``None`` = all tokens.
         cu_seqlens: ``(S+1,)`` int sequence boundaries: selects the packed layout.
         entropy: optional, like ``logp``; reported as the ``entropy`` metric.
+        token_weight: optional, like ``logp``, >= 0: the reduction weights, ``loss = Σ weight · mask · ℓ``,
+            replacing the loss type's normalization (for a batch split into micro-batches: pass the
+            weights of the whole batch, and the micro-batch losses sum to its loss).
         loss_type, epsilon_low, epsilon_high, delta, beta, kl_estimator, importance_sampling_level,
         max_completion_length: see ``LossOptions``.
         impl: ``"auto" | "torch" | "triton"``; Triton (one elementwise kernel) serves token-level
@@ -339,7 +360,7 @@ def grpo_loss(
         max_completion_length=max_completion_length,
     )
     check_float("logp", logp)
-    batch = flatten_batch(logp.shape, "logp", advantages, mask, cu_seqlens, logp.device)
+    batch = flatten_batch(logp.shape, "logp", advantages, mask, cu_seqlens, logp.device, token_weight)
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy)):
         _check_token_tensor(name, t, logp.shape, logp.device)
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
@@ -399,6 +420,7 @@ def fused_linear_grpo_loss(
     kl_estimator: str = "k3",
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
+    token_weight: torch.Tensor | None = None,
     chunk_size: int | None = None,
     impl: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -410,8 +432,8 @@ def fused_linear_grpo_loss(
         hidden: ``(B, T, H)`` padded or ``(N, H)`` packed final hidden states (differentiable).
         weight: ``(V, H)`` lm_head weight (differentiable); ``bias``: optional ``(V,)``.
         targets: ``(B, T)`` or ``(N,)`` int ids of the sampled tokens, in ``[0, V)`` where masked in.
-        advantages, mask, cu_seqlens, old_logp, ref_logp: as in ``grpo_loss`` (token tensors
-            shaped like ``targets``).
+        advantages, mask, cu_seqlens, old_logp, ref_logp, token_weight: as in ``grpo_loss`` (token
+            tensors shaped like ``targets``).
         temperature: the sampling temperature; logits are divided by it.
         chunk_size: rows per logits block of the torch path.
         impl: ``"auto" | "torch" | "triton"`` for the log-prob computation.
@@ -436,7 +458,9 @@ def fused_linear_grpo_loss(
             f"hidden: expected shape targets.shape + (H,) = {tuple(targets.shape)} + (H,), "
             f"got {tuple(hidden.shape)}"
         )
-    batch = flatten_batch(targets.shape, "targets", advantages, mask, cu_seqlens, targets.device)
+    batch = flatten_batch(
+        targets.shape, "targets", advantages, mask, cu_seqlens, targets.device, token_weight
+    )
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         _check_token_tensor(name, t, targets.shape, targets.device)
     if options.beta != 0.0 and ref_logp is None:

@@ -1,0 +1,178 @@
+"""Atomic, resumable checkpoints of a training run (one process; see ``mgrpo_fast.distributed`` for the
+sharded ones).
+
+Layout of ``checkpoint.dir``::
+
+    step-00000010/            one finished checkpoint per saved step
+        model.safetensors     the policy's state dict (fp32 or the training dtype)
+        optimizer.pt          AdamW state, LR scheduler state
+        trainer_state.json    step, counters, metric history length, the config's fingerprint
+        rng.pt                torch / numpy / python RNG states (CPU and CUDA)
+    .tmp-step-00000020-<pid>/ a checkpoint being written (never read; removed on the next save)
+
+Atomicity: everything is written into a ``.tmp-*`` directory in the same folder, every file is
+fsynced, then the directory is renamed to ``step-*`` (``os.rename`` is atomic on POSIX) and the parent
+is fsynced. A run killed at any moment leaves either the previous checkpoints, or those plus a complete
+new one; ``latest_checkpoint`` only ever returns a renamed, complete directory. Old checkpoints beyond
+``keep_last`` are deleted only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointError",
+    "capture_rng_state",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "restore_rng_state",
+    "write_atomically",
+]
+
+_STEP_RE = re.compile(r"^step-(\d{8})$")
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (missing files, wrong format); names the path."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``directory`` as ``[(step, path)]``, oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            out.append((int(m[1]), p))
+    return sorted(out)
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in ``directory``, or None."""
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(root))
+
+
+def write_atomically(
+    directory: str | os.PathLike,
+    step: int,
+    write: Callable[[Path], None],
+    *,
+    keep_last: int | None = None,
+) -> Path:
+    """Write checkpoint ``step`` into ``directory`` atomically and return its final path.
+
+    ``write(tmp_dir)`` fills a fresh temporary directory (it must write ``trainer_state.json``); then
+    the files are fsynced and the directory renamed to ``step-XXXXXXXX``. An existing checkpoint of the
+    same step is replaced (renamed away first, deleted after). ``keep_last`` keeps the newest n.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    final = d / checkpoint_name(step)
+    tmp = d / f".tmp-{checkpoint_name(step)}"
+    for stale in d.glob(".tmp-step-*"):  # leftovers of a killed save
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if not (tmp / STATE_FILE).is_file():
+            raise CheckpointError(f"{tmp}: the writer did not write {STATE_FILE}")
+        _fsync_tree(tmp)
+        old = None
+        if final.exists():
+            old = d / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(d)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last is not None:
+        for _, p in list_checkpoints(d)[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def read_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``trainer_state.json`` of checkpoint ``path``; a clear error if it is not a checkpoint."""
+    p = Path(path)
+    f = p / STATE_FILE
+    if not p.is_dir():
+        raise CheckpointError(f"resume: checkpoint {str(p)!r} does not exist (or is not a directory)")
+    if not f.is_file():
+        raise CheckpointError(f"resume: {str(p)!r} is not a checkpoint directory (no {STATE_FILE})")
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"resume: {f}: unreadable ({e})") from None
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG stream the run draws from: python ``random``, numpy, torch CPU and CUDA."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

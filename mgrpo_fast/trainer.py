@@ -1,0 +1,568 @@
+"""The MGRPO / GRPO trainer (DESIGN.md §2), one process or one rank of a ``torchrun`` job.
+
+One training step (``train_step``)::
+
+    rollout              layer 1: G1 answers per question; layer 2: G2 continuations per selected answer
+    score                verifier (+ format, + shaping) rewards, correctness, failures counted
+    compute_advantages   group-normalized per layer, zero-variance groups dropped
+    pack                 both layers' sequences into packed micro-batches under the token budget,
+                         global per-sequence loss weights (``mgrpo_fast.update``)
+    logprobs             old log-probs (μ > 1) and reference log-probs (β > 0), once per step
+    forward_backward     per micro-batch: decoder -> loss rows -> fused GRPO loss -> backward
+    optimizer_step       grad clip, AdamW, LR schedule (μ times per step)
+
+Everything random is a function of ``(seed, step)``: the questions (``train_data.QuestionOrder``),
+the sampling seeds of both layers, the selection and the guiding phrases. With the model, the AdamW
+state and the step restored, a resumed run repeats the uninterrupted one exactly (tested on CPU).
+Metrics go to ``{run_dir}/metrics.jsonl`` (and TensorBoard / wandb) on rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import mgrpo
+from .checkpoint import capture_rng_state, latest_checkpoint, read_state, restore_rng_state, write_atomically
+from .checkpoint import write_json as _write_json
+from .config import TrainConfig
+from .data import Problem
+from .evaluate import TwoPassResult, evaluate_two_pass
+from .packing import plan_microbatches
+from .reward_scorer import RewardScorer
+from .rollout import HFGenerateBackend, SamplingParams
+from .run_log import MetricsWriter, Progress
+from .train_data import QuestionOrder, default_model_path, load_eval_problems, load_train_problems
+from .update import (
+    MetricSums,
+    global_sequence_weights,
+    microbatch_logprobs,
+    microbatch_loss,
+    microbatch_targets,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MGRPOTrainer", "NonFiniteLossError", "lr_at"]
+
+_DTYPES = {
+    "auto": torch.float32,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive updates had a NaN/Inf loss or gradient norm."""
+
+
+def lr_at(update: int, *, peak: float, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Learning rate of 0-based optimizer update ``update`` of ``total``: linear warmup over ``warmup``
+    updates (the first update gets ``peak / warmup``), then ``cosine`` / ``linear`` decay to
+    ``min_ratio · peak`` at ``total``, or ``constant``."""
+    if warmup > 0 and update < warmup:
+        return peak * (update + 1) / warmup
+    if schedule == "constant":
+        return peak
+    progress = min(1.0, (update - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return peak * (min_ratio + (1.0 - min_ratio) * shape)
+
+
+def _step_seed(seed: int, step: int, stream: int) -> int:
+    """A distinct 63-bit seed per (run seed, step, stream) (splitmix64-style mixing)."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) % 2**64
+    x = ((x ^ (x >> 31)) * 0xD6E8FEB86659FD93) % 2**64
+    return (x ^ (x >> 32)) % 2**63
+
+
+@dataclass
+class StepRollouts:
+    """Layer-1 and layer-2 rollouts and scores of one step (layer 2 is None for GRPO)."""
+
+    layer1: mgrpo.Layer1Rollout
+    scores1: mgrpo.LayerScores
+    layer2: mgrpo.Layer2Rollout | None = None
+    scores2: mgrpo.LayerScores | None = None
+
+
+class MGRPOTrainer:
+    """Trains a causal LM with MGRPO (or GRPO, ``config.algo``) on one process.
+
+    Args:
+        config: the run's :class:`TrainConfig` (resolved here).
+        model, tokenizer: optional, already loaded (tests, custom models); default ``model.path``.
+        train_problems, eval_problems: optional problem lists; default ``data.*_files`` or the bundled task.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        train_problems: list[Problem] | None = None,
+        eval_problems: list[Problem] | None = None,
+    ) -> None:
+        self.config = cfg = config.resolved()
+        self.rank, self.world_size = 0, 1
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.is_main = self.rank == 0
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.model = model if model is not None else self._load_model(cfg.model.path)
+        self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
+        self.ref_model = None
+        if cfg.loss.beta > 0:  # β = 0 skips the reference model entirely (DESIGN §2)
+            self.ref_model = self._load_model(cfg.model.ref_path, frozen=True)
+        self.backend = HFGenerateBackend(self.model, self.tokenizer)
+        self.scorer = RewardScorer(cfg.reward.scorer_fns(), cfg.reward.timeout_s, cfg.reward.num_workers)
+        self.train_problems = train_problems if train_problems is not None else load_train_problems(cfg.data)
+        self._eval_problems = eval_problems
+        self.order = QuestionOrder(
+            len(self.train_problems),
+            cfg.optim.questions_per_step,
+            shuffle=cfg.data.shuffle,
+            seed=cfg.data.shuffle_seed,
+        )
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=o.lr,
+            betas=o.betas,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            foreach=self.device.type == "cuda",
+        )
+        self.autocast_dtype = self._autocast_dtype()
+        self.step = 0  # training steps completed
+        self.updates = 0  # optimizer updates attempted (μ per step)
+        self.nonfinite_in_a_row = 0
+        self.run_dir = Path(cfg.logging.run_dir)
+
+    # ------------------------------------------------------------------ set-up
+    def _load_model(self, path: str | None, frozen: bool = False) -> torch.nn.Module:
+        from .model import load_policy
+
+        m = self.config.model
+        model = load_policy(
+            path or default_model_path(),
+            dtype=_DTYPES[m.dtype],
+            device=self.device,
+            attn_implementation=m.attn_implementation,
+            gradient_checkpointing=m.gradient_checkpointing and not frozen,
+            liger_kernels=m.liger_kernels,
+        )
+        if frozen:
+            model.eval().requires_grad_(False)
+        return model
+
+    def _load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.config.model.tokenizer_path or default_model_path())
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        mp = self.config.parallel.mixed_precision
+        if self.device.type != "cuda" or mp == "no":
+            return None
+        return torch.float16 if mp == "fp16" else torch.bfloat16
+
+    def _sampling(self, layer: int, max_new_tokens: int) -> SamplingParams:
+        r = self.config.rollout
+        return SamplingParams(
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=max_new_tokens,
+            stop=r.stop,
+            batch_size=r.batch_size,
+            return_logprobs=False,
+        )
+
+    @property
+    def eval_problems(self) -> list[Problem]:
+        if self._eval_problems is None:
+            self._eval_problems = load_eval_problems(
+                self.config.data.eval_files, self.config.eval.num_problems, self.config.data
+            )
+        return self._eval_problems
+
+    # ------------------------------------------------------------------ the algorithm's steps
+    def rollout(self, step: int, timings: dict[str, float]) -> StepRollouts:
+        """Both layers' rollouts and their scores for ``step`` (timed as rollout / scoring)."""
+        cfg, seed = self.config, self.config.rollout.seed
+        problems = [self.train_problems[i] for i in self.order.indices(step, self.rank, self.world_size)]
+        d = cfg.data
+        t = time.perf_counter()
+        r1 = mgrpo.rollout_layer1(
+            problems,
+            self.tokenizer,
+            self.backend,
+            self._sampling(1, cfg.rollout.max_new_tokens),
+            cfg.layer1.group_size,
+            _step_seed(seed, step, 1),
+            system_prompt=d.system_prompt,
+            template=d.template,
+            instruction=d.instruction,
+        )
+        timings["rollout"] += time.perf_counter() - t
+        out = StepRollouts(r1, self.score(r1, timings))
+        if cfg.algo == "mgrpo":
+            l2 = cfg.layer2
+            pairs = mgrpo.select_for_correction(
+                out.scores1.correct, l2.selection, random.Random(_step_seed(seed, step, 3))
+            )
+            t = time.perf_counter()
+            out.layer2 = mgrpo.rollout_layer2(
+                r1,
+                pairs,
+                self.tokenizer,
+                self.backend,
+                self._sampling(2, l2.max_new_tokens),
+                l2.group_size,
+                _step_seed(seed, step, 2),
+                phrases=l2.guiding_phrases,
+                separator=l2.separator,
+                rng=random.Random(_step_seed(seed, step, 4)),
+            )
+            timings["rollout"] += time.perf_counter() - t
+            out.scores2 = self.score(out.layer2, timings, first_correct=out.scores1.correct)
+        return out
+
+    def score(self, rollout, timings: dict[str, float], first_correct: torch.Tensor | None = None):
+        """Rewards and correctness of one layer (``first_correct`` given: layer 2, with shaping)."""
+        t = time.perf_counter()
+        if first_correct is None:
+            scores = mgrpo.score_layer1(rollout, self.scorer)
+        else:
+            scores = mgrpo.score_layer2(rollout, self.scorer, first_correct, self.config.layer2.shaping_alpha)
+        timings["scoring"] += time.perf_counter() - t
+        return scores
+
+    def compute_advantages(self, r: StepRollouts) -> tuple[mgrpo.Advantages, mgrpo.TrainingBatch]:
+        """Per-layer group advantages and the training sequences of both layers."""
+        lc = self.config.loss
+        adv = mgrpo.compute_advantages(
+            r.scores1,
+            r.scores2,
+            scale=lc.advantage_scale,
+            eps=lc.advantage_eps,
+            drop_zero_variance_groups=lc.drop_zero_variance_groups,
+        )
+        batch = mgrpo.build_training_sequences(
+            r.layer1, adv, r.layer2, layer2_loss_weight=self.config.layer2.loss_weight, algo=self.config.algo
+        )
+        return adv, batch
+
+    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """Sum (or max) ``values`` over ranks; the identity on one process."""
+        return list(values)
+
+    def pack(self, batch: mgrpo.TrainingBatch) -> tuple[list, torch.Tensor]:
+        """This rank's packed micro-batches and the global per-sequence loss weights ``(S,)``."""
+        cfg = self.config
+        m = torch.tensor([s.num_loss_tokens for s in batch.sequences], dtype=torch.float64)
+        total_tokens, total_seqs = self._all_reduce([float(m.sum()), float(m.numel())])
+        (max_tokens,) = self._all_reduce([float(m.max()) if m.numel() else 0.0], op="max")
+        weights = global_sequence_weights(
+            m,
+            batch.loss_weight,
+            cfg.loss.loss_type,
+            max_completion_length=cfg.loss.max_completion_length,
+            total_tokens=total_tokens,
+            total_sequences=total_seqs,
+            max_tokens=max_tokens,
+        )
+        if not batch.sequences:
+            return [], weights
+        max_len = getattr(self.model.config, "max_position_embeddings", None)
+        plan = plan_microbatches(
+            batch.sequences,
+            max_tokens_per_microbatch=cfg.optim.max_tokens_per_microbatch,
+            max_model_len=max_len,
+            balance=cfg.optim.packing_balance,
+        )
+        return plan.microbatches_for(0, batch.sequences), weights
+
+    def logprobs(self, model: torch.nn.Module, microbatches: list) -> list[torch.Tensor]:
+        """``(L,)`` log-probs of each micro-batch's loss rows under ``model``, no graph."""
+        t = self.config.rollout.temperature
+        was_training = model.training
+        model.eval()
+        try:
+            return [
+                microbatch_logprobs(
+                    model, mb, temperature=t, autocast_dtype=self.autocast_dtype, impl=self.config.loss.impl
+                )
+                for mb in microbatches
+            ]
+        finally:
+            model.train(was_training)
+
+    def forward_backward(self, microbatches: list, targets: list, sums: MetricSums) -> tuple[bool, float]:
+        """Loss and backward of every micro-batch (gradients accumulate). Returns ``(ok, loss)``, the loss
+        of the whole batch (the micro-batch losses sum to it); ``ok`` False if a loss was NaN/Inf."""
+        options = self.config.loss.options()
+        total = 0.0
+        for k, (mb, tg) in enumerate(zip(microbatches, targets)):
+            loss, metrics = microbatch_loss(
+                self.model,
+                mb,
+                tg,
+                options,
+                temperature=self.config.rollout.temperature,
+                autocast_dtype=self.autocast_dtype,
+                impl=self.config.loss.impl,
+            )
+            if not torch.isfinite(loss):
+                logger.warning(
+                    "step %d: non-finite loss (%s) in micro-batch %d of %d (the hidden states or "
+                    "log-probs hold NaN/Inf); this update is skipped",
+                    self.step + 1,
+                    float(loss.detach()),
+                    k,
+                    len(microbatches),
+                )
+                return False, float(loss.detach())
+            loss.backward()
+            total += float(loss.detach())
+            sums.add(metrics, mb.num_loss_tokens)
+        return True, total
+
+    def optimizer_step(self, ok: bool) -> dict[str, float]:
+        """Clip, step AdamW at the scheduled LR and clear the gradients; skip on a non-finite update."""
+        o = self.config.optim
+        lr = lr_at(
+            self.updates,
+            peak=o.lr,
+            total=o.total_steps * self.config.loss.mu,
+            warmup=o.warmup_steps * self.config.loss.mu,
+            schedule=o.schedule,
+            min_ratio=o.min_lr_ratio,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = float("nan")
+        if ok:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip or float("inf")))
+            ok = math.isfinite(norm)
+            if not ok:
+                logger.warning("step %d: non-finite gradient norm; this update is skipped", self.step + 1)
+        if ok:
+            self.optimizer.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            if self.nonfinite_in_a_row >= o.max_nonfinite_updates:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_in_a_row} updates in a row had a NaN/Inf loss or gradient norm "
+                    f"(optim.max_nonfinite_updates={o.max_nonfinite_updates}); stopping at step "
+                    f"{self.step + 1}. "
+                    "Lower optim.lr, check the data, or resume from the last checkpoint"
+                )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
+        return {"grad_norm": norm, "lr": lr, "skipped": 0.0 if ok else 1.0}
+
+    def update(self, batch: mgrpo.TrainingBatch, timings: dict[str, float]) -> dict[str, float]:
+        """μ optimizer updates on one rollout batch; returns the ``train/*`` metrics."""
+        cfg = self.config
+        microbatches, weights = self.pack(batch)
+        t = time.perf_counter()
+        old = self.logprobs(self.model, microbatches) if cfg.loss.mu > 1 else [None] * len(microbatches)
+        ref = (
+            self.logprobs(self.ref_model, microbatches)
+            if self.ref_model is not None
+            else [None] * len(microbatches)
+        )
+        timings["logprob"] += time.perf_counter() - t
+        targets = [
+            microbatch_targets(mb, batch.advantages, weights, o, r)
+            for mb, o, r in zip(microbatches, old, ref)
+        ]
+        out: dict[str, float] = {
+            "train/sequences": float(len(batch)),
+            "train/microbatches": float(len(microbatches)),
+            "train/tokens": float(sum(mb.num_tokens for mb in microbatches)),
+            "train/loss_tokens": float(sum(mb.num_loss_tokens for mb in microbatches)),
+        }
+        t = time.perf_counter()
+        skipped = 0.0
+        for _ in range(cfg.loss.mu):
+            if not microbatches:  # every group dropped: nothing to learn from this step
+                self.updates += 1
+                continue
+            sums = MetricSums()
+            ok, loss = self.forward_backward(microbatches, targets, sums)
+            stats = self.optimizer_step(ok)
+            skipped += stats.pop("skipped")
+            out.update({f"train/{k}": v for k, v in {**sums.means(), "loss": loss, **stats}.items()})
+        timings["update"] += time.perf_counter() - t
+        out["train/skipped_updates"] = skipped
+        return out
+
+    def train_step(self) -> dict[str, float]:
+        """One MGRPO step: rollout, score, advantages, μ packed updates. Returns the step's metrics."""
+        step = self.step + 1
+        timings = {"rollout": 0.0, "scoring": 0.0, "logprob": 0.0, "update": 0.0}
+        t0 = time.perf_counter()
+        r = self.rollout(step, timings)
+        adv, batch = self.compute_advantages(r)
+        metrics = mgrpo.step_metrics(r.layer1, r.scores1, adv, r.layer2, r.scores2)
+        for tag, s in (("reward1/", r.scores1), ("reward2/", r.scores2)):
+            if s is not None and s.result is not None:
+                metrics.update(s.result.metrics(tag))
+        metrics.update(self.update(batch, timings))
+        self.step = step
+        metrics.update({f"time/{k}": v for k, v in timings.items()})
+        metrics["time/step"] = time.perf_counter() - t0
+        metrics["train/epoch"] = self.order.epoch_of(step)
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> TwoPassResult:
+        """Two-pass evaluation (``eval`` section) of the current policy."""
+        cfg, e = self.config, self.config.eval
+        return evaluate_two_pass(
+            self.eval_problems,
+            self.tokenizer,
+            self.backend,
+            max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
+            correction_max_new_tokens=e.max_new_tokens or cfg.layer2.max_new_tokens,
+            temperature=e.temperature,
+            top_p=cfg.rollout.top_p,
+            stop=cfg.rollout.stop,
+            batch_size=cfg.rollout.batch_size,
+            guiding_phrase=e.guiding_phrase or cfg.layer2.guiding_phrases[0],
+            separator=cfg.layer2.separator,
+            seed=e.seed,
+            system_prompt=cfg.data.system_prompt,
+            template=cfg.data.template,
+            instruction=cfg.data.instruction,
+        )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "updates": self.updates,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "rng": capture_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.updates = int(state["step"]), int(state["updates"])
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        restore_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> Path:
+        """Write the current state as ``{checkpoint.dir}/step-XXXXXXXX`` atomically."""
+        from safetensors.torch import save_file
+
+        state = self.state_dict()
+
+        def write(tmp: Path) -> None:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in state.pop("model").items()},
+                str(tmp / "model.safetensors"),
+            )
+            torch.save({"optimizer": state.pop("optimizer"), "rng": state.pop("rng")}, tmp / "optimizer.pt")
+            (tmp / "config.yaml").write_text(self.config.to_yaml(), encoding="utf-8")
+            _write_json(
+                tmp / "trainer_state.json", {**state, "algo": self.config.algo, "seed": self.config.seed}
+            )
+
+        path = write_atomically(
+            self.config.checkpoint.dir, self.step, write, keep_last=self.config.checkpoint.keep_last
+        )
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    def resume(self, checkpoint: str | os.PathLike | bool = True) -> Path | None:
+        """Load ``checkpoint`` (a path, or True = the newest in ``checkpoint.dir``; None if there is none)."""
+        from safetensors.torch import load_file
+
+        path = latest_checkpoint(self.config.checkpoint.dir) if checkpoint is True else Path(checkpoint)
+        if path is None:
+            logger.warning("resume: no checkpoint in %s; starting from step 0", self.config.checkpoint.dir)
+            return None
+        meta = read_state(path)
+        extra = torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=False)
+        model = {k: v.to(self.device) for k, v in load_file(str(Path(path) / "model.safetensors")).items()}
+        self.load_state_dict({"model": model, **extra, **meta})
+        logger.info("resumed from %s at step %d", path, self.step)
+        return Path(path)
+
+    def export(self, out_dir: str | os.PathLike) -> Path:
+        """``save_pretrained`` the policy and its tokenizer to ``out_dir`` (loadable by transformers)."""
+        out = Path(out_dir)
+        self.model.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict[str, float]:
+        """Run (or resume) to ``optim.total_steps``; checkpoints, metrics, eval and the final export."""
+        cfg = self.config
+        resumed = self.resume(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
+        if self.is_main:
+            cfg.save_resolved()
+        writer = (
+            MetricsWriter(
+                self.run_dir,
+                jsonl=cfg.logging.jsonl,
+                tensorboard=cfg.logging.tensorboard,
+                wandb=cfg.logging.wandb,
+                wandb_project=cfg.logging.wandb_project,
+                resume_step=self.step if resumed else None,
+                config=cfg.to_dict(),
+            )
+            if self.is_main
+            else None
+        )
+        bar = Progress(cfg.optim.total_steps, self.step, cfg.logging.progress and self.is_main)
+        last: dict[str, float] = {}
+        try:
+            if cfg.eval.at_start and self.step == 0:
+                self._log(writer, 0, self.evaluate().as_metrics())
+            while self.step < cfg.optim.total_steps:
+                last = self.train_step()
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    last.update(self.evaluate().as_metrics())
+                if self.step % cfg.logging.log_every == 0 or self.step == cfg.optim.total_steps:
+                    self._log(writer, self.step, last)
+                bar.update(last)
+                every = cfg.checkpoint.every
+                if (every and self.step % every == 0) or self.step == cfg.optim.total_steps:
+                    self.save_checkpoint()
+            if cfg.eval.at_end and not (cfg.eval.every and self.step % cfg.eval.every == 0):
+                final = self.evaluate().as_metrics()
+                last.update(final)
+                self._log(writer, self.step, final)
+            if cfg.checkpoint.export_final and self.is_main:
+                self.export(self.run_dir / "final")
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+            self.scorer.close()
+        return last
+
+    def _log(self, writer: MetricsWriter | None, step: int, metrics: dict[str, float]) -> None:
+        if writer is not None:
+            writer.log(step, metrics)
