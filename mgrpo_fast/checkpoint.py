@@ -5,7 +5,7 @@ Layout of ``checkpoint.dir``::
 
     step-00000010/            one finished checkpoint per saved step
         model.safetensors     the policy's state dict (fp32 or the training dtype)
-        optimizer.pt          AdamW state, LR scheduler state
+        optimizer.pt          AdamW state (the LR is a function of the update count)
         trainer_state.json    step, counters, metric history length, the config's fingerprint
         rng.pt                torch / numpy / python RNG states (CPU and CUDA)
     .tmp-step-00000020-<pid>/ a checkpoint being written (never read; removed on the next save)
@@ -45,6 +45,7 @@ __all__ = [
 
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
+RNG_FILE = "rng.pt"
 
 
 class CheckpointError(RuntimeError):

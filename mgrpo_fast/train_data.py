@@ -26,6 +26,7 @@ __all__ = [
     "default_model_path",
     "load_eval_problems",
     "load_train_problems",
+    "step_seed",
 ]
 
 _FALLBACK_MAX_NEW_TOKENS = 512
@@ -84,6 +85,14 @@ def load_eval_problems(files: Sequence[str], limit: int | None = None, data=None
     if not problems:
         raise ValueError("data.eval_files: no evaluation problems")
     return problems
+
+
+def step_seed(seed: int, step: int, stream: int) -> int:
+    """A distinct 63-bit seed per (run seed, step, stream): the sampling seeds of both layers, the
+    selection and the guiding-phrase draws of a step (splitmix64-style mixing)."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) % 2**64
+    x = ((x ^ (x >> 31)) * 0xD6E8FEB86659FD93) % 2**64
+    return (x ^ (x >> 32)) % 2**63
 
 
 class QuestionOrder:

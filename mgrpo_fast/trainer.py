@@ -31,27 +31,29 @@ from typing import Any
 import torch
 
 from . import mgrpo
-from .checkpoint import capture_rng_state, latest_checkpoint, read_state, restore_rng_state, write_atomically
-from .checkpoint import write_json as _write_json
+from .checkpoint import (
+    RNG_FILE,
+    capture_rng_state,
+    latest_checkpoint,
+    read_state,
+    restore_rng_state,
+    write_atomically,
+    write_json,
+)
 from .config import TrainConfig
 from .data import Problem
+from .engine import LocalEngine, lr_at
 from .evaluate import TwoPassResult, evaluate_two_pass
 from .packing import plan_microbatches
 from .reward_scorer import RewardScorer
 from .rollout import HFGenerateBackend, SamplingParams
 from .run_log import MetricsWriter, Progress
-from .train_data import QuestionOrder, default_model_path, load_eval_problems, load_train_problems
-from .update import (
-    MetricSums,
-    global_sequence_weights,
-    microbatch_logprobs,
-    microbatch_loss,
-    microbatch_targets,
-)
+from .train_data import QuestionOrder, default_model_path, load_eval_problems, load_train_problems, step_seed
+from .update import MetricSums, PackedPolicy, global_sequence_weights, microbatch_targets
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MGRPOTrainer", "NonFiniteLossError", "lr_at"]
+__all__ = ["MGRPOTrainer", "NonFiniteLossError"]
 
 _DTYPES = {
     "auto": torch.float32,
@@ -63,26 +65,6 @@ _DTYPES = {
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive updates had a NaN/Inf loss or gradient norm."""
-
-
-def lr_at(update: int, *, peak: float, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Learning rate of 0-based optimizer update ``update`` of ``total``: linear warmup over ``warmup``
-    updates (the first update gets ``peak / warmup``), then ``cosine`` / ``linear`` decay to
-    ``min_ratio · peak`` at ``total``, or ``constant``."""
-    if warmup > 0 and update < warmup:
-        return peak * (update + 1) / warmup
-    if schedule == "constant":
-        return peak
-    progress = min(1.0, (update - warmup) / max(1, total - warmup))
-    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-    return peak * (min_ratio + (1.0 - min_ratio) * shape)
-
-
-def _step_seed(seed: int, step: int, stream: int) -> int:
-    """A distinct 63-bit seed per (run seed, step, stream) (splitmix64-style mixing)."""
-    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) % 2**64
-    x = ((x ^ (x >> 31)) * 0xD6E8FEB86659FD93) % 2**64
-    return (x ^ (x >> 32)) % 2**63
 
 
 @dataclass
@@ -114,17 +96,20 @@ class MGRPOTrainer:
         eval_problems: list[Problem] | None = None,
     ) -> None:
         self.config = cfg = config.resolved()
-        self.rank, self.world_size = 0, 1
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.is_main = self.rank == 0
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.model = model if model is not None else self._load_model(cfg.model.path)
+        self.policy = model if model is not None else self._load_model(cfg.model.path)
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
-        self.ref_model = None
+        options, temperature = cfg.loss.options(), cfg.rollout.temperature
+        wrap = dict(temperature=temperature, autocast_dtype=self._autocast_dtype(), impl=cfg.loss.impl)
+        self.engine = LocalEngine(
+            self.policy, PackedPolicy(self.policy, options, **wrap), cfg.optim, self.device
+        )
+        self.ref_module = None
         if cfg.loss.beta > 0:  # β = 0 skips the reference model entirely (DESIGN §2)
-            self.ref_model = self._load_model(cfg.model.ref_path, frozen=True)
-        self.backend = HFGenerateBackend(self.model, self.tokenizer)
+            self.ref_module = PackedPolicy(self._load_model(cfg.model.ref_path, frozen=True), options, **wrap)
+        self.backend = HFGenerateBackend(self.policy, self.tokenizer)
         self.scorer = RewardScorer(cfg.reward.scorer_fns(), cfg.reward.timeout_s, cfg.reward.num_workers)
         self.train_problems = train_problems if train_problems is not None else load_train_problems(cfg.data)
         self._eval_problems = eval_problems
@@ -134,20 +119,11 @@ class MGRPOTrainer:
             shuffle=cfg.data.shuffle,
             seed=cfg.data.shuffle_seed,
         )
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],
-            lr=o.lr,
-            betas=o.betas,
-            eps=o.eps,
-            weight_decay=o.weight_decay,
-            foreach=self.device.type == "cuda",
-        )
-        self.autocast_dtype = self._autocast_dtype()
         self.step = 0  # training steps completed
         self.updates = 0  # optimizer updates attempted (μ per step)
         self.nonfinite_in_a_row = 0
         self.run_dir = Path(cfg.logging.run_dir)
+        self.is_main = self.engine.is_main
 
     # ------------------------------------------------------------------ set-up
     def _load_model(self, path: str | None, frozen: bool = False) -> torch.nn.Module:
@@ -201,7 +177,8 @@ class MGRPOTrainer:
     def rollout(self, step: int, timings: dict[str, float]) -> StepRollouts:
         """Both layers' rollouts and their scores for ``step`` (timed as rollout / scoring)."""
         cfg, seed = self.config, self.config.rollout.seed
-        problems = [self.train_problems[i] for i in self.order.indices(step, self.rank, self.world_size)]
+        e = self.engine
+        problems = [self.train_problems[i] for i in self.order.indices(step, e.rank, e.world_size)]
         d = cfg.data
         t = time.perf_counter()
         r1 = mgrpo.rollout_layer1(
@@ -210,7 +187,7 @@ class MGRPOTrainer:
             self.backend,
             self._sampling(1, cfg.rollout.max_new_tokens),
             cfg.layer1.group_size,
-            _step_seed(seed, step, 1),
+            step_seed(seed, step, 1),
             system_prompt=d.system_prompt,
             template=d.template,
             instruction=d.instruction,
@@ -220,7 +197,7 @@ class MGRPOTrainer:
         if cfg.algo == "mgrpo":
             l2 = cfg.layer2
             pairs = mgrpo.select_for_correction(
-                out.scores1.correct, l2.selection, random.Random(_step_seed(seed, step, 3))
+                out.scores1.correct, l2.selection, random.Random(step_seed(seed, step, 3))
             )
             t = time.perf_counter()
             out.layer2 = mgrpo.rollout_layer2(
@@ -230,10 +207,10 @@ class MGRPOTrainer:
                 self.backend,
                 self._sampling(2, l2.max_new_tokens),
                 l2.group_size,
-                _step_seed(seed, step, 2),
+                step_seed(seed, step, 2),
                 phrases=l2.guiding_phrases,
                 separator=l2.separator,
-                rng=random.Random(_step_seed(seed, step, 4)),
+                rng=random.Random(step_seed(seed, step, 4)),
             )
             timings["rollout"] += time.perf_counter() - t
             out.scores2 = self.score(out.layer2, timings, first_correct=out.scores1.correct)
@@ -264,16 +241,12 @@ class MGRPOTrainer:
         )
         return adv, batch
 
-    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
-        """Sum (or max) ``values`` over ranks; the identity on one process."""
-        return list(values)
-
     def pack(self, batch: mgrpo.TrainingBatch) -> tuple[list, torch.Tensor]:
         """This rank's packed micro-batches and the global per-sequence loss weights ``(S,)``."""
         cfg = self.config
         m = torch.tensor([s.num_loss_tokens for s in batch.sequences], dtype=torch.float64)
-        total_tokens, total_seqs = self._all_reduce([float(m.sum()), float(m.numel())])
-        (max_tokens,) = self._all_reduce([float(m.max()) if m.numel() else 0.0], op="max")
+        total_tokens, total_seqs = self.engine.all_reduce([float(m.sum()), float(m.numel())])
+        (max_tokens,) = self.engine.all_reduce([float(m.max()) if m.numel() else 0.0], op="max")
         weights = global_sequence_weights(
             m,
             batch.loss_weight,
@@ -285,62 +258,40 @@ class MGRPOTrainer:
         )
         if not batch.sequences:
             return [], weights
-        max_len = getattr(self.model.config, "max_position_embeddings", None)
+        max_len = getattr(self.policy.config, "max_position_embeddings", None)
         plan = plan_microbatches(
             batch.sequences,
             max_tokens_per_microbatch=cfg.optim.max_tokens_per_microbatch,
             max_model_len=max_len,
             balance=cfg.optim.packing_balance,
         )
-        return plan.microbatches_for(0, batch.sequences), weights
+        return plan.microbatches_for(self.engine.rank, batch.sequences), weights
 
-    def logprobs(self, model: torch.nn.Module, microbatches: list) -> list[torch.Tensor]:
-        """``(L,)`` log-probs of each micro-batch's loss rows under ``model``, no graph."""
-        t = self.config.rollout.temperature
-        was_training = model.training
-        model.eval()
+    def logprobs(self, module: torch.nn.Module, microbatches: list) -> list[torch.Tensor]:
+        """``(L,)`` f32 CPU log-probs of the loss rows of each micro-batch under ``module`` (no graph)."""
+        was_training = module.training
+        module.eval()
         try:
-            return [
-                microbatch_logprobs(
-                    model, mb, temperature=t, autocast_dtype=self.autocast_dtype, impl=self.config.loss.impl
-                )
-                for mb in microbatches
-            ]
+            with torch.no_grad():
+                return [module(mb).cpu() for mb in microbatches]
         finally:
-            model.train(was_training)
+            module.train(was_training)
 
-    def forward_backward(self, microbatches: list, targets: list, sums: MetricSums) -> tuple[bool, float]:
-        """Loss and backward of every micro-batch (gradients accumulate). Returns ``(ok, loss)``, the loss
-        of the whole batch (the micro-batch losses sum to it); ``ok`` False if a loss was NaN/Inf."""
-        options = self.config.loss.options()
-        total = 0.0
-        for k, (mb, tg) in enumerate(zip(microbatches, targets)):
-            loss, metrics = microbatch_loss(
-                self.model,
-                mb,
-                tg,
-                options,
-                temperature=self.config.rollout.temperature,
-                autocast_dtype=self.autocast_dtype,
-                impl=self.config.loss.impl,
-            )
-            if not torch.isfinite(loss):
-                logger.warning(
-                    "step %d: non-finite loss (%s) in micro-batch %d of %d (the hidden states or "
-                    "log-probs hold NaN/Inf); this update is skipped",
-                    self.step + 1,
-                    float(loss.detach()),
-                    k,
-                    len(microbatches),
-                )
-                return False, float(loss.detach())
-            loss.backward()
-            total += float(loss.detach())
+    def forward_backward(self, microbatches: list, targets: list, sums: MetricSums) -> float:
+        """Loss and backward of every micro-batch (gradients accumulate); returns the loss of the whole
+        batch over all ranks (the micro-batch losses sum to it). Every rank runs every micro-batch, even
+        after a NaN/Inf, so the collectives stay matched; ``optimizer_step`` then skips the update."""
+        total = torch.zeros((), dtype=torch.float64)
+        for mb, tg in zip(microbatches, targets):
+            loss, metrics = self.engine.module(mb, tg)
+            self.engine.backward(loss)
+            total += loss.detach().double().cpu()
             sums.add(metrics, mb.num_loss_tokens)
-        return True, total
+        return self.engine.all_reduce([float(total)])[0]
 
-    def optimizer_step(self, ok: bool) -> dict[str, float]:
-        """Clip, step AdamW at the scheduled LR and clear the gradients; skip on a non-finite update."""
+    def optimizer_step(self, loss: float) -> dict[str, float]:
+        """Clip, step AdamW at the scheduled LR and clear the gradients; an update whose loss or global
+        gradient norm is NaN/Inf is skipped (the same decision on every rank)."""
         o = self.config.optim
         lr = lr_at(
             self.updates,
@@ -350,28 +301,27 @@ class MGRPOTrainer:
             schedule=o.schedule,
             min_ratio=o.min_lr_ratio,
         )
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = float("nan")
+        norm = self.engine.clip_grad_norm(o.grad_clip)
+        ok = math.isfinite(loss) and math.isfinite(norm)
         if ok:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip or float("inf")))
-            ok = math.isfinite(norm)
-            if not ok:
-                logger.warning("step %d: non-finite gradient norm; this update is skipped", self.step + 1)
-        if ok:
-            self.optimizer.step()
+            self.engine.step(lr)
             self.nonfinite_in_a_row = 0
         else:
             self.nonfinite_in_a_row += 1
+            logger.warning(
+                "step %d: non-finite loss (%s) or gradient norm (%s): the hidden states or log-probs "
+                "hold NaN/Inf; this update is skipped",
+                self.step + 1,
+                loss,
+                norm,
+            )
             if self.nonfinite_in_a_row >= o.max_nonfinite_updates:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_in_a_row} updates in a row had a NaN/Inf loss or gradient norm "
                     f"(optim.max_nonfinite_updates={o.max_nonfinite_updates}); stopping at step "
-                    f"{self.step + 1}. "
-                    "Lower optim.lr, check the data, or resume from the last checkpoint"
+                    f"{self.step + 1}. Lower optim.lr, check the data, or resume from the last checkpoint"
                 )
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.zero_grad()
         self.updates += 1
         return {"grad_norm": norm, "lr": lr, "skipped": 0.0 if ok else 1.0}
 
@@ -380,12 +330,9 @@ class MGRPOTrainer:
         cfg = self.config
         microbatches, weights = self.pack(batch)
         t = time.perf_counter()
-        old = self.logprobs(self.model, microbatches) if cfg.loss.mu > 1 else [None] * len(microbatches)
-        ref = (
-            self.logprobs(self.ref_model, microbatches)
-            if self.ref_model is not None
-            else [None] * len(microbatches)
-        )
+        none = [None] * len(microbatches)
+        old = self.logprobs(self.engine.module, microbatches) if cfg.loss.mu > 1 else none
+        ref = self.logprobs(self.ref_module, microbatches) if self.ref_module is not None else none
         timings["logprob"] += time.perf_counter() - t
         targets = [
             microbatch_targets(mb, batch.advantages, weights, o, r)
@@ -404,8 +351,8 @@ class MGRPOTrainer:
                 self.updates += 1
                 continue
             sums = MetricSums()
-            ok, loss = self.forward_backward(microbatches, targets, sums)
-            stats = self.optimizer_step(ok)
+            loss = self.forward_backward(microbatches, targets, sums)
+            stats = self.optimizer_step(loss)
             skipped += stats.pop("skipped")
             out.update({f"train/{k}": v for k, v in {**sums.means(), "loss": loss, **stats}.items()})
         timings["update"] += time.perf_counter() - t
@@ -454,66 +401,44 @@ class MGRPOTrainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "updates": self.updates,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "rng": capture_rng_state(),
-        }
+        """The trainer's own state (the engine saves the model and optimizer)."""
+        return {"step": self.step, "updates": self.updates, "nonfinite_in_a_row": self.nonfinite_in_a_row}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.updates = int(state["step"]), int(state["updates"])
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
-        restore_rng_state(state["rng"])
 
     def save_checkpoint(self) -> Path:
-        """Write the current state as ``{checkpoint.dir}/step-XXXXXXXX`` atomically."""
-        from safetensors.torch import save_file
-
-        state = self.state_dict()
+        """Write ``{checkpoint.dir}/step-XXXXXXXX`` atomically: model, optimizer, counters, RNG, config."""
 
         def write(tmp: Path) -> None:
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in state.pop("model").items()},
-                str(tmp / "model.safetensors"),
-            )
-            torch.save({"optimizer": state.pop("optimizer"), "rng": state.pop("rng")}, tmp / "optimizer.pt")
+            self.engine.save(tmp)
+            torch.save(capture_rng_state(), tmp / RNG_FILE)
             (tmp / "config.yaml").write_text(self.config.to_yaml(), encoding="utf-8")
-            _write_json(
-                tmp / "trainer_state.json", {**state, "algo": self.config.algo, "seed": self.config.seed}
-            )
+            meta = {**self.state_dict(), "algo": self.config.algo, "seed": self.config.seed}
+            write_json(tmp / "trainer_state.json", meta)
 
-        path = write_atomically(
-            self.config.checkpoint.dir, self.step, write, keep_last=self.config.checkpoint.keep_last
-        )
+        ck = self.config.checkpoint
+        path = write_atomically(ck.dir, self.step, write, keep_last=ck.keep_last)
         logger.info("saved checkpoint %s", path)
         return path
 
     def resume(self, checkpoint: str | os.PathLike | bool = True) -> Path | None:
         """Load ``checkpoint`` (a path, or True = the newest in ``checkpoint.dir``; None if there is none)."""
-        from safetensors.torch import load_file
-
         path = latest_checkpoint(self.config.checkpoint.dir) if checkpoint is True else Path(checkpoint)
         if path is None:
             logger.warning("resume: no checkpoint in %s; starting from step 0", self.config.checkpoint.dir)
             return None
         meta = read_state(path)
-        extra = torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=False)
-        model = {k: v.to(self.device) for k, v in load_file(str(Path(path) / "model.safetensors")).items()}
-        self.load_state_dict({"model": model, **extra, **meta})
+        self.engine.load(Path(path))
+        self.load_state_dict(meta)
+        restore_rng_state(torch.load(Path(path) / RNG_FILE, weights_only=False))
         logger.info("resumed from %s at step %d", path, self.step)
         return Path(path)
 
     def export(self, out_dir: str | os.PathLike) -> Path:
         """``save_pretrained`` the policy and its tokenizer to ``out_dir`` (loadable by transformers)."""
-        out = Path(out_dir)
-        self.model.save_pretrained(out, safe_serialization=True)
-        self.tokenizer.save_pretrained(out)
-        return out
+        return self.engine.export(out_dir, self.tokenizer)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:

@@ -26,23 +26,23 @@ sequences). Prompt tokens and the layer-1 context of a layer-2 correction cost n
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .layout import cu_seqlens_from_lengths
+from .logprobs import linear_logprobs
 from .loss import LossOptions, fused_linear_grpo_loss
-from .model import lm_head_of, packed_hidden_states, packed_logprobs
-from .packed_batch import PackedMicroBatch
+from .model import lm_head_of, packed_hidden_states
+from .packed_batch import PackedMicroBatch, SequenceSpec, build_microbatch
 
 __all__ = [
     "MetricSums",
     "MicroBatchTargets",
+    "PackedPolicy",
     "global_sequence_weights",
-    "microbatch_logprobs",
-    "microbatch_loss",
     "microbatch_targets",
+    "padding_microbatch",
 ]
 
 
@@ -137,67 +137,81 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def padding_microbatch(pad_id: int = 0) -> tuple[PackedMicroBatch, MicroBatchTargets]:
+    """A 2-token micro-batch with one loss row of weight 0: what a rank with nothing to train runs so
+    that it still joins the collectives of the forward and backward (FSDP all-gathers, gradient
+    reduce-scatters); its loss and gradient are exactly 0."""
+    mb = build_microbatch([SequenceSpec([pad_id], [pad_id])])
+    zero = torch.zeros(1)
+    return mb, MicroBatchTargets(advantages=zero, token_weight=zero, cu_seqlens=cu_seqlens_from_lengths([1]))
 
 
-def microbatch_loss(
-    model: torch.nn.Module,
-    mb: PackedMicroBatch,
-    targets: MicroBatchTargets,
-    options: LossOptions,
-    *,
-    temperature: float = 1.0,
-    autocast_dtype: torch.dtype | None = None,
-    impl: str = "auto",
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The (globally weighted) GRPO loss of one packed micro-batch; differentiable in the model.
+class PackedPolicy(torch.nn.Module):
+    """The policy as one module whose ``forward`` covers every use of its parameters in an update.
 
-    The decoder runs over all packed tokens (under bf16 autocast on CUDA when ``autocast_dtype`` is
-    given); the hidden states of the ``L`` loss rows go to :func:`fused_linear_grpo_loss` with the
-    lm_head weight, never materializing ``(L, V)`` logits. Returns ``(loss, metrics)`` with the
-    loss a 0-dim f32 tensor and token-mean metrics over the ``L`` rows.
+    ``forward(mb, targets)`` runs the decoder over the packed tokens of ``mb`` (bf16 autocast on CUDA
+    when ``autocast_dtype`` is set), gathers the ``L`` loss rows and returns the fused GRPO loss and
+    its metrics (never materializing ``(L, V)`` logits); ``forward(mb)`` returns the ``(L,)`` log-probs
+    instead (old / reference log-probs, call it under ``torch.no_grad()``). Because the embedding, the
+    final norm and the lm_head weight (tied or not) are all used inside this one forward, a sharding
+    engine can wrap this module as its root unit: FSDP2 all-gathers those parameters for the forward
+    and reduce-scatters their gradients; DeepSpeed ZeRO-3 registers the lm_head weight as an external
+    parameter of it (``mgrpo_fast.distributed``).
+
+    Args:
+        policy: a transformers causal LM (``policy.lm_head.weight`` is the ``(V, H)`` output matrix).
+        options: the loss options; ``temperature``: logits are divided by it; ``impl``: kernel choice.
     """
-    device = _device_of(model)
-    mb = mb.to(device)
-    with _autocast(device, autocast_dtype):
-        hidden = packed_hidden_states(model, mb)
-    rows = hidden.index_select(0, mb.loss_rows)
-    head = lm_head_of(model)
-    move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-    return fused_linear_grpo_loss(
-        rows,
-        head.weight,
-        mb.loss_targets,
-        move(targets.advantages),
-        cu_seqlens=move(targets.cu_seqlens),
-        old_logp=move(targets.old_logp),
-        ref_logp=move(targets.ref_logp),
-        bias=getattr(head, "bias", None),
-        temperature=temperature,
-        token_weight=move(targets.token_weight),
-        impl=impl,
-        **{k: getattr(options, k) for k in options.__dataclass_fields__},
-    )
 
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        options: LossOptions,
+        *,
+        temperature: float = 1.0,
+        autocast_dtype: torch.dtype | None = None,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.policy = policy
+        self.options, self.temperature, self.autocast_dtype, self.impl = (
+            options,
+            temperature,
+            autocast_dtype,
+            impl,
+        )
 
-@torch.no_grad()
-def microbatch_logprobs(
-    model: torch.nn.Module,
-    mb: PackedMicroBatch,
-    *,
-    temperature: float = 1.0,
-    autocast_dtype: torch.dtype | None = None,
-    impl: str = "auto",
-) -> torch.Tensor:
-    """``(L,)`` f32 log-probs of the loss rows of ``mb`` under ``model`` (no graph), on the CPU: the
-    old log-probs (μ > 1) and the reference log-probs (β > 0)."""
-    if mb.num_loss_tokens == 0:
-        return torch.zeros(0, dtype=torch.float32)
-    device = _device_of(model)
-    with _autocast(device, autocast_dtype):
-        logp = packed_logprobs(model, mb.to(device), temperature=temperature, impl=impl)
-    return logp.float().cpu()
+    def forward(self, mb: PackedMicroBatch, targets: MicroBatchTargets | None = None):
+        if mb.num_tokens == 0:  # a padding micro-batch: a zero-weight dummy row, same collectives
+            pad = getattr(self.policy.config, "pad_token_id", None) or 0
+            mb, targets = padding_microbatch(pad)
+        device = next(self.policy.parameters()).device
+        mb = mb.to(device)
+        with _autocast(device, self.autocast_dtype):
+            hidden = packed_hidden_states(self.policy, mb)
+        rows = hidden.index_select(0, mb.loss_rows)
+        head = lm_head_of(self.policy)
+        bias = getattr(head, "bias", None)
+        if targets is None:
+            logp = linear_logprobs(
+                rows, head.weight, mb.loss_targets, bias=bias, temperature=self.temperature, impl=self.impl
+            )
+            return logp.float()
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return fused_linear_grpo_loss(
+            rows,
+            head.weight,
+            mb.loss_targets,
+            move(targets.advantages),
+            cu_seqlens=move(targets.cu_seqlens),
+            old_logp=move(targets.old_logp),
+            ref_logp=move(targets.ref_logp),
+            bias=bias,
+            temperature=self.temperature,
+            token_weight=move(targets.token_weight),
+            impl=self.impl,
+            **{k: getattr(self.options, k) for k in self.options.__dataclass_fields__},
+        )
 
 
 class MetricSums:
@@ -226,9 +240,3 @@ class MetricSums:
 
     def means(self) -> dict[str, float]:
         return self.means_of(self.sums())
-
-
-def split_rows(values: Sequence[float] | torch.Tensor, counts: Sequence[int]) -> list[torch.Tensor]:
-    """Cut a flat ``(Σ counts,)`` tensor into consecutive pieces of ``counts`` rows."""
-    t = torch.as_tensor(values, dtype=torch.float32)
-    return list(torch.split(t, list(counts)))

@@ -13,7 +13,7 @@ import torch
 from conftest import CHATML, byte_tokenizer
 from trainer_helpers import save_tiny_model
 
-from mgrpo_fast.checkpoint import latest_checkpoint, list_checkpoints
+from mgrpo_fast.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
 from mgrpo_fast.config_io import load_config
 from mgrpo_fast.data import DataError, Problem
 from mgrpo_fast.run_log import read_metrics
@@ -65,7 +65,7 @@ def _trainer(model_dir, run_dir, *extra, reward="parity_reward") -> MGRPOTrainer
 
 
 def _weights(trainer: MGRPOTrainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
 
 
 def test_three_mgrpo_steps_end_to_end(model_dir, tmp_path):
@@ -91,7 +91,7 @@ def test_three_mgrpo_steps_end_to_end(model_dir, tmp_path):
         ):
             assert key in r, key
     assert "eval/acc_t2" in last
-    after = trainer.model.state_dict()
+    after = trainer.policy.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "no parameter changed"
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [2, 3]  # keep_last=2
@@ -109,6 +109,25 @@ def test_grpo_runs_layer1_only(model_dir, tmp_path):
     assert "layer2/pairs" not in m and m["layer1/groups"] == 2.0
 
 
+def test_mu_updates_reference_model_and_gradient_checkpointing(model_dir, tmp_path):
+    t = _trainer(
+        model_dir,
+        tmp_path / "run",
+        "--loss.mu=2",
+        "--loss.beta=0.04",
+        "--optim.total_steps=1",
+        "--model.gradient_checkpointing=true",
+        "--logging.tensorboard=true",
+    )
+    assert t.ref_module is not None and not any(p.requires_grad for p in t.ref_module.parameters())
+    m = t.train()
+    assert t.updates == 2
+    # the metrics are the second update's: off-policy now (ratio != 1) and away from the reference
+    assert m["train/ratio"] != 1.0 and m["train/kl"] > 0
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert _trainer(model_dir, tmp_path / "b0").ref_module is None  # beta = 0: no reference model
+
+
 def test_resume_equals_uninterrupted_run(model_dir, tmp_path):
     full = _trainer(model_dir, tmp_path / "a", "--optim.total_steps=4")
     full.train()
@@ -123,7 +142,7 @@ def test_resume_equals_uninterrupted_run(model_dir, tmp_path):
     resumed = _trainer(model_dir, tmp_path / "b", "--optim.total_steps=4", "--checkpoint.resume=true")
     resumed.train()
     assert resumed.step == 4
-    a, b = full.model.state_dict(), resumed.model.state_dict()
+    a, b = full.policy.state_dict(), resumed.policy.state_dict()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
     ma = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl")]
@@ -152,9 +171,9 @@ def test_microbatch_split_does_not_change_the_gradient(model_dir, tmp_path):
             from mgrpo_fast.update import MetricSums, microbatch_targets
 
             targets = [microbatch_targets(mb, batch.advantages, weights) for mb in mbs]
-            ok, loss = t.forward_backward(mbs, targets, MetricSums())
-            assert ok
-            grads.append((len(mbs), loss, {n: p.grad.clone() for n, p in t.model.named_parameters()}))
+            loss = t.forward_backward(mbs, targets, MetricSums())
+            assert math.isfinite(loss)
+            grads.append((len(mbs), loss, {n: p.grad.clone() for n, p in t.policy.named_parameters()}))
             t.scorer.close()
         (n1, l1, g1), (n2, l2, g2) = grads
         assert n1 == 1 and n2 > 1
@@ -182,12 +201,12 @@ def test_hanging_and_raising_rewards_do_not_stop_training(model_dir, tmp_path):
 def test_nonfinite_loss_is_skipped_then_stops(model_dir, tmp_path):
     t = _trainer(model_dir, tmp_path / "nan", "--optim.max_nonfinite_updates=2")
     with torch.no_grad():
-        t.model.lm_head.weight[3, 0] = float("nan")  # poisons every log-prob, not the sampling
-    t.backend = type(t.backend)(_trainer(model_dir, tmp_path / "ok").model, t.tokenizer)
-    before = t.model.lm_head.weight.detach().clone()
+        t.policy.lm_head.weight[3, 0] = float("nan")  # poisons every log-prob, not the sampling
+    t.backend = type(t.backend)(_trainer(model_dir, tmp_path / "ok").policy, t.tokenizer)
+    before = t.policy.lm_head.weight.detach().clone()
     m = t.train_step()
     assert m["train/skipped_updates"] == 1.0
-    torch.testing.assert_close(t.model.lm_head.weight, before, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(t.policy.lm_head.weight, before, equal_nan=True, rtol=0, atol=0)
     with pytest.raises(NonFiniteLossError, match="max_nonfinite_updates=2"):
         t.train_step()
 
@@ -215,7 +234,7 @@ def test_checkpoint_is_atomic(model_dir, tmp_path):
 
 def test_resume_from_a_missing_checkpoint_names_it(model_dir, tmp_path):
     t = _trainer(model_dir, tmp_path / "r", f"--checkpoint.resume={tmp_path / 'nope'}")
-    with pytest.raises(RuntimeError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         t.train()
 
 
