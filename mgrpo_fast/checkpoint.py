@@ -1,5 +1,5 @@
-"""Atomic, resumable checkpoints of a training run (one process; see ``mgrpo_fast.distributed`` for the
-sharded ones).
+"""Atomic, resumable checkpoints of a training run (one process, or every rank of a ``torchrun`` job
+writing into the same directory, rank 0 renaming it).
 
 Layout of ``checkpoint.dir``::
 
@@ -7,7 +7,8 @@ Layout of ``checkpoint.dir``::
         model.safetensors     the policy's state dict (fp32 or the training dtype)
         optimizer.pt          AdamW state (the LR is a function of the update count)
         trainer_state.json    step, counters, metric history length, the config's fingerprint
-        rng.pt                torch / numpy / python RNG states (CPU and CUDA)
+        rng_rank0.pt          torch / numpy / python RNG states (CPU and CUDA), one file per rank
+        dcp/                  (FSDP2) the sharded model and optimizer, torch.distributed.checkpoint
     .tmp-step-00000020-<pid>/ a checkpoint being written (never read; removed on the next save)
 
 Atomicity: everything is written into a ``.tmp-*`` directory in the same folder, every file is
@@ -45,7 +46,6 @@ __all__ = [
 
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
-RNG_FILE = "rng.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -96,6 +96,56 @@ def _fsync_tree(path: Path) -> None:
         _fsync_dir(Path(root))
 
 
+def temp_checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
+    """Where checkpoint ``step`` is written before the rename (shared by all ranks)."""
+    return Path(directory) / f".tmp-{checkpoint_name(step)}"
+
+
+def rng_file(rank: int) -> str:
+    """The RNG state file of ``rank`` inside a checkpoint."""
+    return f"rng_rank{rank}.pt"
+
+
+def begin_checkpoint(directory: str | os.PathLike, step: int) -> Path:
+    """(Writer rank.) Remove leftovers of killed saves and create the empty temporary directory."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for stale in d.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = temp_checkpoint_path(d, step)
+    tmp.mkdir()
+    return tmp
+
+
+def abort_checkpoint(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def commit_checkpoint(
+    directory: str | os.PathLike, step: int, tmp: Path, *, keep_last: int | None = None
+) -> Path:
+    """(Writer rank.) fsync ``tmp``, rename it to ``step-XXXXXXXX`` (replacing an older one of the same
+    step), fsync the parent, then delete all but the newest ``keep_last`` checkpoints."""
+    d = Path(directory)
+    final = d / checkpoint_name(step)
+    if not (tmp / STATE_FILE).is_file():
+        raise CheckpointError(f"{tmp}: the writer did not write {STATE_FILE}")
+    _fsync_tree(tmp)
+    old = None
+    if final.exists():
+        old = d / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(d)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    if keep_last is not None:
+        for _, p in list_checkpoints(d)[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
 def write_atomically(
     directory: str | os.PathLike,
     step: int,
@@ -103,40 +153,18 @@ def write_atomically(
     *,
     keep_last: int | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` into ``directory`` atomically and return its final path.
+    """Write checkpoint ``step`` into ``directory`` atomically (one process) and return its path.
 
-    ``write(tmp_dir)`` fills a fresh temporary directory (it must write ``trainer_state.json``); then
-    the files are fsynced and the directory renamed to ``step-XXXXXXXX``. An existing checkpoint of the
-    same step is replaced (renamed away first, deleted after). ``keep_last`` keeps the newest n.
+    ``write(tmp_dir)`` fills a fresh temporary directory (it must write ``trainer_state.json``), then
+    :func:`commit_checkpoint` renames it. A failing ``write`` leaves nothing behind.
     """
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    final = d / checkpoint_name(step)
-    tmp = d / f".tmp-{checkpoint_name(step)}"
-    for stale in d.glob(".tmp-step-*"):  # leftovers of a killed save
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
+    tmp = begin_checkpoint(directory, step)
     try:
         write(tmp)
-        if not (tmp / STATE_FILE).is_file():
-            raise CheckpointError(f"{tmp}: the writer did not write {STATE_FILE}")
-        _fsync_tree(tmp)
-        old = None
-        if final.exists():
-            old = d / f".old-{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_dir(d)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        return commit_checkpoint(directory, step, tmp, keep_last=keep_last)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        abort_checkpoint(tmp)
         raise
-    if keep_last is not None:
-        for _, p in list_checkpoints(d)[:-keep_last]:
-            shutil.rmtree(p, ignore_errors=True)
-    return final
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -72,6 +72,9 @@ class LocalEngine:
     def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
         return [float(v) for v in values]
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
     def barrier(self) -> None:
         pass
 

@@ -33,7 +33,14 @@ from .mgrpo import rollout_layer1, rollout_layer2
 from .rewards import answers_match, extract_answer
 from .rollout import RolloutBackend, SamplingParams
 
-__all__ = ["TwoPassResult", "evaluate_two_pass", "format_table", "main"]
+__all__ = [
+    "TwoPassResult",
+    "evaluate_two_pass",
+    "format_table",
+    "main",
+    "summarize_two_pass",
+    "two_pass_correctness",
+]
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ class TwoPassResult:
         return {f"{prefix}{k}": float(v) for k, v in asdict(self).items()}
 
 
-def evaluate_two_pass(
+def two_pass_correctness(
     problems: Sequence[Problem],
     tokenizer: Any,
     backend: RolloutBackend,
@@ -68,14 +75,15 @@ def evaluate_two_pass(
     system_prompt: str | None = None,
     template: str = "chat",
     instruction: str | None = DEFAULT_INSTRUCTION,
-) -> TwoPassResult:
-    """Run both passes on ``problems`` with ``backend`` and return the metrics (module docstring).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both passes on ``problems``: per-problem correctness ``(c1, c2)``, bool ``(n,)`` each.
 
     ``temperature=0`` decodes greedily (the default, so the numbers are deterministic);
     ``correction_max_new_tokens`` None = ``max_new_tokens``."""
     problems = list(problems)
-    if not problems:
-        raise ValueError("problems: expected at least one evaluation problem, got none")
+    if not problems:  # e.g. a rank with no share of the eval set
+        empty = torch.zeros(0, dtype=torch.bool)
+        return empty, empty
     t2 = max_new_tokens if correction_max_new_tokens is None else correction_max_new_tokens
     common = {"temperature": temperature, "top_p": top_p, "stop": tuple(stop), "batch_size": batch_size}
     r1 = rollout_layer1(
@@ -108,9 +116,25 @@ def evaluate_two_pass(
     c2 = torch.tensor(
         [answers_match(extract_answer(c.text), p.answer) for c, p in zip(r2.completions, problems)]
     )
+    return c1, c2
+
+
+def evaluate_two_pass(
+    problems: Sequence[Problem], tokenizer: Any, backend: RolloutBackend, **kwargs: Any
+) -> TwoPassResult:
+    """Run both passes on ``problems`` with ``backend`` and return the metrics (module docstring);
+    keywords as :func:`two_pass_correctness`."""
+    if not problems:
+        raise ValueError("problems: expected at least one evaluation problem, got none")
+    return summarize_two_pass(*two_pass_correctness(problems, tokenizer, backend, **kwargs))
+
+
+def summarize_two_pass(c1: torch.Tensor, c2: torch.Tensor) -> TwoPassResult:
+    """The metrics from the per-problem correctness ``c1 (n,)`` (first answer) and ``c2 (n,)`` (after
+    the correction), bool."""
     f1, f2 = c1.float(), c2.float()
     return TwoPassResult(
-        num_problems=len(problems),
+        num_problems=int(c1.numel()),
         acc_t1=float(f1.mean()),
         acc_t2=float(f2.mean()),
         delta=float(f2.mean() - f1.mean()),

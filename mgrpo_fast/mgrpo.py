@@ -174,6 +174,25 @@ class TrainingBatch:
     def num_loss_tokens(self) -> int:
         return sum(s.num_loss_tokens for s in self.sequences)
 
+    @classmethod
+    def concat(cls, batches: Sequence[TrainingBatch]) -> TrainingBatch:
+        """The batches of all ranks end to end (rank order); ``group_id`` stays rank-local."""
+        cat = lambda name, dtype: torch.cat(
+            [getattr(b, name) for b in batches] or [torch.zeros(0, dtype=dtype)]
+        )  # noqa: E731
+        old = None
+        if batches and all(b.old_logprobs is not None for b in batches):
+            old = [lp for b in batches for lp in b.old_logprobs]
+        return cls(
+            [s for b in batches for s in b.sequences],
+            cat("advantages", torch.float32),
+            cat("layer", torch.int64),
+            cat("loss_weight", torch.float32),
+            cat("group_id", torch.int64),
+            cat("question_index", torch.int64),
+            old,
+        )
+
 
 # ------------------------------------------------------------------------------------------------
 # Layer 1

@@ -19,7 +19,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MetricsWriter", "Progress", "read_metrics"]
+__all__ = ["MetricsWriter", "Progress", "combine_rank_metrics", "read_metrics"]
 
 # what the progress bar shows, in order, with short labels
 _BAR_FIELDS = (
@@ -29,6 +29,38 @@ _BAR_FIELDS = (
     ("layer2/delta_i_to_c", "i→c"),
     ("train/loss", "loss"),
 )
+
+
+_SUMMED = ("/groups", "/groups_dropped", "/pairs", "/completion_tokens", "/timeouts", "/errors", "/nonfinite")
+_WEIGHT_OF = {
+    "layer1/": "layer1/groups",
+    "reward1/": "layer1/groups",
+    "layer2/": "layer2/pairs",
+    "reward2/": "layer2/pairs",
+}
+
+
+def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """One step's rollout metrics of every rank -> the metrics of the whole step.
+
+    Counts (groups, pairs, tokens, failures) are summed; times take the slowest rank; the means of a
+    layer are weighted by that rank's share of the layer (layer-1 questions, layer-2 pairs: every
+    group of a layer has the same size), so the result equals the one-process value on the same data.
+    """
+    keys = sorted({k for m in per_rank for k in m})
+    out: dict[str, float] = {}
+    for k in keys:
+        vals = [(m[k], m) for m in per_rank if k in m]
+        if k.endswith(_SUMMED):
+            out[k] = sum(v for v, _ in vals)
+        elif k.startswith("time/") or k.endswith("/time_s"):
+            out[k] = max(v for v, _ in vals)
+        else:
+            wkey = next((w for p, w in _WEIGHT_OF.items() if k.startswith(p)), None)
+            weights = [m.get(wkey, 0.0) if wkey else 1.0 for _, m in vals]
+            total = sum(weights)
+            out[k] = sum(v * w for (v, _), w in zip(vals, weights)) / total if total else 0.0
+    return out
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -32,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     trainer = MGRPOTrainer(cfg)
     metrics = trainer.train()
+    if not trainer.is_main:
+        return 0
     summary = {
         k: v for k, v in metrics.items() if k.startswith(("eval/", "layer1/accuracy", "layer2/accuracy"))
     }

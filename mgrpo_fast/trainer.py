@@ -32,22 +32,28 @@ import torch
 
 from . import mgrpo
 from .checkpoint import (
-    RNG_FILE,
+    STATE_FILE,
+    abort_checkpoint,
+    begin_checkpoint,
     capture_rng_state,
+    checkpoint_name,
+    commit_checkpoint,
     latest_checkpoint,
     read_state,
     restore_rng_state,
-    write_atomically,
+    rng_file,
+    temp_checkpoint_path,
     write_json,
 )
 from .config import TrainConfig
 from .data import Problem
-from .engine import LocalEngine, lr_at
-from .evaluate import TwoPassResult, evaluate_two_pass
+from .distributed import init_distributed, make_engine, make_reference
+from .engine import lr_at
+from .evaluate import TwoPassResult, summarize_two_pass, two_pass_correctness
 from .packing import plan_microbatches
 from .reward_scorer import RewardScorer
 from .rollout import HFGenerateBackend, SamplingParams
-from .run_log import MetricsWriter, Progress
+from .run_log import MetricsWriter, Progress, combine_rank_metrics
 from .train_data import QuestionOrder, default_model_path, load_eval_problems, load_train_problems, step_seed
 from .update import MetricSums, PackedPolicy, global_sequence_weights, microbatch_targets
 
@@ -96,19 +102,22 @@ class MGRPOTrainer:
         eval_problems: list[Problem] | None = None,
     ) -> None:
         self.config = cfg = config.resolved()
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dist = init_distributed(cfg.parallel.backend)  # None without torchrun
+        self.device = (
+            self.dist.device if self.dist else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.policy = model if model is not None else self._load_model(cfg.model.path)
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
         options, temperature = cfg.loss.options(), cfg.rollout.temperature
         wrap = dict(temperature=temperature, autocast_dtype=self._autocast_dtype(), impl=cfg.loss.impl)
-        self.engine = LocalEngine(
-            self.policy, PackedPolicy(self.policy, options, **wrap), cfg.optim, self.device
-        )
+        module = PackedPolicy(self.policy, options, **wrap)
+        self.engine = make_engine(self.policy, module, cfg, self.dist, self.device)
         self.ref_module = None
         if cfg.loss.beta > 0:  # β = 0 skips the reference model entirely (DESIGN §2)
-            self.ref_module = PackedPolicy(self._load_model(cfg.model.ref_path, frozen=True), options, **wrap)
+            ref = PackedPolicy(self._load_model(cfg.model.ref_path, frozen=True), options, **wrap)
+            self.ref_module = make_reference(ref, cfg, self.dist)
         self.backend = HFGenerateBackend(self.policy, self.tokenizer)
         self.scorer = RewardScorer(cfg.reward.scorer_fns(), cfg.reward.timeout_s, cfg.reward.num_workers)
         self.train_problems = train_problems if train_problems is not None else load_train_problems(cfg.data)
@@ -153,7 +162,7 @@ class MGRPOTrainer:
             return None
         return torch.float16 if mp == "fp16" else torch.bfloat16
 
-    def _sampling(self, layer: int, max_new_tokens: int) -> SamplingParams:
+    def _sampling(self, max_new_tokens: int) -> SamplingParams:
         r = self.config.rollout
         return SamplingParams(
             temperature=r.temperature,
@@ -173,45 +182,50 @@ class MGRPOTrainer:
             )
         return self._eval_problems
 
+    def _seed(self, step: int, stream: int) -> int:
+        """The seed of one random stream of ``step`` on this rank (ranks sample independently)."""
+        return step_seed(self.config.rollout.seed, step, stream * 4096 + self.engine.rank)
+
     # ------------------------------------------------------------------ the algorithm's steps
     def rollout(self, step: int, timings: dict[str, float]) -> StepRollouts:
         """Both layers' rollouts and their scores for ``step`` (timed as rollout / scoring)."""
-        cfg, seed = self.config, self.config.rollout.seed
-        e = self.engine
+        cfg, e = self.config, self.engine
         problems = [self.train_problems[i] for i in self.order.indices(step, e.rank, e.world_size)]
         d = cfg.data
         t = time.perf_counter()
-        r1 = mgrpo.rollout_layer1(
-            problems,
-            self.tokenizer,
-            self.backend,
-            self._sampling(1, cfg.rollout.max_new_tokens),
-            cfg.layer1.group_size,
-            step_seed(seed, step, 1),
-            system_prompt=d.system_prompt,
-            template=d.template,
-            instruction=d.instruction,
-        )
+        with e.generation():
+            r1 = mgrpo.rollout_layer1(
+                problems,
+                self.tokenizer,
+                self.backend,
+                self._sampling(cfg.rollout.max_new_tokens),
+                cfg.layer1.group_size,
+                self._seed(step, 1),
+                system_prompt=d.system_prompt,
+                template=d.template,
+                instruction=d.instruction,
+            )
         timings["rollout"] += time.perf_counter() - t
         out = StepRollouts(r1, self.score(r1, timings))
         if cfg.algo == "mgrpo":
             l2 = cfg.layer2
             pairs = mgrpo.select_for_correction(
-                out.scores1.correct, l2.selection, random.Random(step_seed(seed, step, 3))
+                out.scores1.correct, l2.selection, random.Random(self._seed(step, 3))
             )
             t = time.perf_counter()
-            out.layer2 = mgrpo.rollout_layer2(
-                r1,
-                pairs,
-                self.tokenizer,
-                self.backend,
-                self._sampling(2, l2.max_new_tokens),
-                l2.group_size,
-                step_seed(seed, step, 2),
-                phrases=l2.guiding_phrases,
-                separator=l2.separator,
-                rng=random.Random(step_seed(seed, step, 4)),
-            )
+            with e.generation():
+                out.layer2 = mgrpo.rollout_layer2(
+                    r1,
+                    pairs,
+                    self.tokenizer,
+                    self.backend,
+                    self._sampling(l2.max_new_tokens),
+                    l2.group_size,
+                    self._seed(step, 2),
+                    phrases=l2.guiding_phrases,
+                    separator=l2.separator,
+                    rng=random.Random(self._seed(step, 4)),
+                )
             timings["rollout"] += time.perf_counter() - t
             out.scores2 = self.score(out.layer2, timings, first_correct=out.scores1.correct)
         return out
@@ -242,28 +256,21 @@ class MGRPOTrainer:
         return adv, batch
 
     def pack(self, batch: mgrpo.TrainingBatch) -> tuple[list, torch.Tensor]:
-        """This rank's packed micro-batches and the global per-sequence loss weights ``(S,)``."""
+        """This rank's packed micro-batches of the step's (all-rank) batch, balanced across ranks with
+        the same count on every rank, and the global per-sequence loss weights ``(S,)``."""
         cfg = self.config
         m = torch.tensor([s.num_loss_tokens for s in batch.sequences], dtype=torch.float64)
-        total_tokens, total_seqs = self.engine.all_reduce([float(m.sum()), float(m.numel())])
-        (max_tokens,) = self.engine.all_reduce([float(m.max()) if m.numel() else 0.0], op="max")
         weights = global_sequence_weights(
-            m,
-            batch.loss_weight,
-            cfg.loss.loss_type,
-            max_completion_length=cfg.loss.max_completion_length,
-            total_tokens=total_tokens,
-            total_sequences=total_seqs,
-            max_tokens=max_tokens,
+            m, batch.loss_weight, cfg.loss.loss_type, max_completion_length=cfg.loss.max_completion_length
         )
         if not batch.sequences:
             return [], weights
-        max_len = getattr(self.policy.config, "max_position_embeddings", None)
         plan = plan_microbatches(
             batch.sequences,
             max_tokens_per_microbatch=cfg.optim.max_tokens_per_microbatch,
-            max_model_len=max_len,
+            world_size=self.engine.world_size,
             balance=cfg.optim.packing_balance,
+            max_model_len=getattr(self.policy.config, "max_position_embeddings", None),
         )
         return plan.microbatches_for(self.engine.rank, batch.sequences), weights
 
@@ -340,9 +347,9 @@ class MGRPOTrainer:
         ]
         out: dict[str, float] = {
             "train/sequences": float(len(batch)),
-            "train/microbatches": float(len(microbatches)),
-            "train/tokens": float(sum(mb.num_tokens for mb in microbatches)),
-            "train/loss_tokens": float(sum(mb.num_loss_tokens for mb in microbatches)),
+            "train/microbatches": float(len(microbatches)),  # per rank (the same on every rank)
+            "train/tokens": float(sum(s.num_tokens for s in batch.sequences)),
+            "train/loss_tokens": float(batch.num_loss_tokens),
         }
         t = time.perf_counter()
         skipped = 0.0
@@ -354,7 +361,8 @@ class MGRPOTrainer:
             loss = self.forward_backward(microbatches, targets, sums)
             stats = self.optimizer_step(loss)
             skipped += stats.pop("skipped")
-            out.update({f"train/{k}": v for k, v in {**sums.means(), "loss": loss, **stats}.items()})
+            means = MetricSums.merge(self.engine.all_gather_object(sums.sums()))
+            out.update({f"train/{k}": v for k, v in {**means, "loss": loss, **stats}.items()})
         timings["update"] += time.perf_counter() - t
         out["train/skipped_updates"] = skipped
         return out
@@ -370,6 +378,9 @@ class MGRPOTrainer:
         for tag, s in (("reward1/", r.scores1), ("reward2/", r.scores2)):
             if s is not None and s.result is not None:
                 metrics.update(s.result.metrics(tag))
+        if self.engine.world_size > 1:  # each rank rolled out its own questions: merge, then balance
+            metrics = combine_rank_metrics(self.engine.all_gather_object(metrics))
+            batch = mgrpo.TrainingBatch.concat(self.engine.all_gather_object(batch))
         metrics.update(self.update(batch, timings))
         self.step = step
         metrics.update({f"time/{k}": v for k, v in timings.items()})
@@ -379,25 +390,29 @@ class MGRPOTrainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> TwoPassResult:
-        """Two-pass evaluation (``eval`` section) of the current policy."""
-        cfg, e = self.config, self.config.eval
-        return evaluate_two_pass(
-            self.eval_problems,
-            self.tokenizer,
-            self.backend,
-            max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
-            correction_max_new_tokens=e.max_new_tokens or cfg.layer2.max_new_tokens,
-            temperature=e.temperature,
-            top_p=cfg.rollout.top_p,
-            stop=cfg.rollout.stop,
-            batch_size=cfg.rollout.batch_size,
-            guiding_phrase=e.guiding_phrase or cfg.layer2.guiding_phrases[0],
-            separator=cfg.layer2.separator,
-            seed=e.seed,
-            system_prompt=cfg.data.system_prompt,
-            template=cfg.data.template,
-            instruction=cfg.data.instruction,
-        )
+        """Two-pass evaluation (``eval`` section) of the current policy; each rank evaluates its share
+        ``r::W`` of the problems and the correctness is gathered."""
+        cfg, ev, e = self.config, self.config.eval, self.engine
+        with e.generation():
+            c1, c2 = two_pass_correctness(
+                self.eval_problems[e.rank :: e.world_size],
+                self.tokenizer,
+                self.backend,
+                max_new_tokens=ev.max_new_tokens or cfg.rollout.max_new_tokens,
+                correction_max_new_tokens=ev.max_new_tokens or cfg.layer2.max_new_tokens,
+                temperature=ev.temperature,
+                top_p=cfg.rollout.top_p,
+                stop=cfg.rollout.stop,
+                batch_size=cfg.rollout.batch_size,
+                guiding_phrase=ev.guiding_phrase or cfg.layer2.guiding_phrases[0],
+                separator=cfg.layer2.separator,
+                seed=ev.seed,
+                system_prompt=cfg.data.system_prompt,
+                template=cfg.data.template,
+                instruction=cfg.data.instruction,
+            )
+        parts = e.all_gather_object((c1, c2))
+        return summarize_two_pass(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -409,19 +424,32 @@ class MGRPOTrainer:
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
 
     def save_checkpoint(self) -> Path:
-        """Write ``{checkpoint.dir}/step-XXXXXXXX`` atomically: model, optimizer, counters, RNG, config."""
-
-        def write(tmp: Path) -> None:
-            self.engine.save(tmp)
-            torch.save(capture_rng_state(), tmp / RNG_FILE)
-            (tmp / "config.yaml").write_text(self.config.to_yaml(), encoding="utf-8")
-            meta = {**self.state_dict(), "algo": self.config.algo, "seed": self.config.seed}
-            write_json(tmp / "trainer_state.json", meta)
-
-        ck = self.config.checkpoint
-        path = write_atomically(ck.dir, self.step, write, keep_last=ck.keep_last)
-        logger.info("saved checkpoint %s", path)
-        return path
+        """Write ``{checkpoint.dir}/step-XXXXXXXX`` atomically: model, optimizer, counters, RNG (per rank),
+        config. Collective under torchrun: rank 0 prepares and renames, every rank writes its part."""
+        ck, e = self.config.checkpoint, self.engine
+        tmp = begin_checkpoint(ck.dir, self.step) if e.is_main else temp_checkpoint_path(ck.dir, self.step)
+        e.barrier()
+        try:
+            e.save(tmp)
+            torch.save(capture_rng_state(), tmp / rng_file(e.rank))
+            e.barrier()
+            if e.is_main:
+                (tmp / "config.yaml").write_text(self.config.to_yaml(), encoding="utf-8")
+                meta = {
+                    **self.state_dict(),
+                    "algo": self.config.algo,
+                    "seed": self.config.seed,
+                    "world_size": e.world_size,
+                }
+                write_json(tmp / STATE_FILE, meta)
+                path = commit_checkpoint(ck.dir, self.step, tmp, keep_last=ck.keep_last)
+                logger.info("saved checkpoint %s", path)
+        except BaseException:
+            if e.is_main:
+                abort_checkpoint(tmp)
+            raise
+        e.barrier()
+        return Path(ck.dir) / checkpoint_name(self.step)
 
     def resume(self, checkpoint: str | os.PathLike | bool = True) -> Path | None:
         """Load ``checkpoint`` (a path, or True = the newest in ``checkpoint.dir``; None if there is none)."""
@@ -432,7 +460,11 @@ class MGRPOTrainer:
         meta = read_state(path)
         self.engine.load(Path(path))
         self.load_state_dict(meta)
-        restore_rng_state(torch.load(Path(path) / RNG_FILE, weights_only=False))
+        rng = Path(path) / rng_file(self.engine.rank)
+        if rng.is_file():
+            restore_rng_state(torch.load(rng, weights_only=False))
+        else:  # e.g. resumed on more ranks than saved: the data order and sampling seeds still match
+            logger.warning("resume: %s has no RNG state for rank %d", path, self.engine.rank)
         logger.info("resumed from %s at step %d", path, self.step)
         return Path(path)
 
@@ -479,7 +511,7 @@ class MGRPOTrainer:
                 final = self.evaluate().as_metrics()
                 last.update(final)
                 self._log(writer, self.step, final)
-            if cfg.checkpoint.export_final and self.is_main:
+            if cfg.checkpoint.export_final:  # collective under torchrun; rank 0 writes
                 self.export(self.run_dir / "final")
         finally:
             bar.close()

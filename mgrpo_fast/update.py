@@ -240,3 +240,14 @@ class MetricSums:
 
     def means(self) -> dict[str, float]:
         return self.means_of(self.sums())
+
+    @staticmethod
+    def merge(per_rank: list[dict[str, tuple[float, float]]]) -> dict[str, float]:
+        """Means over the ``sums()`` of every rank (token-weighted over the whole batch)."""
+        total: dict[str, list[float]] = {}
+        for sums in per_rank:
+            for k, (s, c) in sums.items():
+                acc = total.setdefault(k, [0.0, 0.0])
+                acc[0] += s
+                acc[1] += c
+        return {k: s / c for k, (s, c) in sorted(total.items()) if c > 0}
