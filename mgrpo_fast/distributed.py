@@ -39,7 +39,7 @@ from .update import PackedPolicy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistInfo", "FSDP2Engine", "init_distributed", "make_engine", "make_reference"]
+__all__ = ["DistInfo", "FSDP2Engine", "RankCollectives", "init_distributed", "make_engine", "make_reference"]
 
 
 class DistInfo:
@@ -161,21 +161,40 @@ def make_reference(module: PackedPolicy, config: Any, info: DistInfo | None) -> 
     return module
 
 
-class FSDP2Engine:
-    """The :mod:`~mgrpo_fast.engine` interface on FSDP2 (module docstring)."""
+def _forget_forward_order(units: list) -> None:
+    """Drop what FSDP2 recorded about the forwards run inside ``generation()``.
 
+    FSDP2 records the order of post-forwards to prefetch all-gathers in the next backward. The decoder
+    layers run a rank-dependent number of times while generating (each rank samples its own
+    questions, one rank may have none), so without this the ranks would prefetch differently in the
+    backward and their collectives would no longer match (a deadlock). Private FSDP2 state; checked
+    by tests/test_distributed.py (a rank without questions).
+    """
+    for unit in units:
+        state = unit._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None) or [getattr(state, "_fsdp_param_group", None)]
+        for group in groups:
+            if group is not None:
+                group._post_forward_indices.clear()
+                group.comm_ctx.post_forward_order.clear()
+
+
+class RankCollectives:
+    """The engines' collectives on python values (both distributed engines inherit them)."""
+
+    device: torch.device
+    rank: int
+    world_size: int
     is_main: bool
 
-    def __init__(
-        self, policy: torch.nn.Module, module: PackedPolicy, optim: Any, info: DistInfo, parallel: Any
-    ) -> None:
-        self.policy, self.module, self.device = policy, module, info.device
-        self.rank, self.world_size, self.is_main = info.rank, info.world_size, info.rank == 0
-        self.units = _shard(module, info.device, parallel)
-        self.reshard_after_forward = parallel.reshard_after_forward
-        self.optimizer = build_adamw(module.parameters(), optim, info.device)
+    def _set_rank(self, info: DistInfo) -> None:
+        self.device, self.rank, self.world_size, self.is_main = (
+            info.device,
+            info.rank,
+            info.world_size,
+            info.rank == 0,
+        )
 
-    # collectives on python values
     def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
         return all_reduce_floats(values, op, self.device)
 
@@ -187,8 +206,21 @@ class FSDP2Engine:
     def barrier(self) -> None:
         dist.barrier()
 
+
+class FSDP2Engine(RankCollectives):
+    """The :mod:`~mgrpo_fast.engine` interface on FSDP2 (module docstring)."""
+
+    def __init__(
+        self, policy: torch.nn.Module, module: PackedPolicy, optim: Any, info: DistInfo, parallel: Any
+    ) -> None:
+        self.policy, self.module = policy, module
+        self._set_rank(info)
+        self.units = _shard(module, info.device, parallel)
+        self.reshard_after_forward = parallel.reshard_after_forward
+        self.optimizer = build_adamw(module.parameters(), optim, info.device)
+
     # the update
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         # FSDP averages gradients over ranks; every rank's loss already carries the global
         # normalization, so the wanted gradient is the *sum*: scale by W (exact for powers of two).
         (loss * self.world_size).backward()
@@ -204,6 +236,9 @@ class FSDP2Engine:
             group["lr"] = lr
         self.optimizer.step()
 
+    def skip_update(self) -> None:
+        """Drop the accumulated gradients of a non-finite update (the caller zeroes them)."""
+
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -216,6 +251,7 @@ class FSDP2Engine:
         try:
             yield
         finally:
+            _forget_forward_order(self.units)
             for unit in self.units:
                 unit.reshard()
                 unit.set_reshard_after_forward(

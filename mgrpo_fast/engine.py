@@ -78,7 +78,7 @@ class LocalEngine:
     def barrier(self) -> None:
         pass
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         loss.backward()
 
     def clip_grad_norm(self, max_norm: float | None) -> float:
@@ -92,6 +92,9 @@ class LocalEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+
+    def skip_update(self) -> None:
+        """Drop the accumulated gradients of a non-finite update (the caller zeroes them)."""
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

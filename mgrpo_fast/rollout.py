@@ -394,6 +394,10 @@ class HFGenerateBackend:
             input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config,
             logits_processor=LogitsProcessorList([sampler]),
             stopping_criteria=StoppingCriteriaList([stopper] if stopper else []),
+            # transformers turns synced_gpus on by itself under FSDP / ZeRO-3 (an all-reduce per token,
+            # so ranks that generate different lengths would deadlock); the engines give generate the
+            # full parameters, so each rank generates alone.
+            synced_gpus=False,
         )  # fmt: skip
         generated = sequences[:, width:].tolist()
         logprobs = None

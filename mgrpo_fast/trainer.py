@@ -289,9 +289,9 @@ class MGRPOTrainer:
         batch over all ranks (the micro-batch losses sum to it). Every rank runs every micro-batch, even
         after a NaN/Inf, so the collectives stay matched; ``optimizer_step`` then skips the update."""
         total = torch.zeros((), dtype=torch.float64)
-        for mb, tg in zip(microbatches, targets):
+        for k, (mb, tg) in enumerate(zip(microbatches, targets)):
             loss, metrics = self.engine.module(mb, tg)
-            self.engine.backward(loss)
+            self.engine.backward(loss, last=k == len(microbatches) - 1)
             total += loss.detach().double().cpu()
             sums.add(metrics, mb.num_loss_tokens)
         return self.engine.all_reduce([float(total)])[0]
@@ -308,10 +308,13 @@ class MGRPOTrainer:
             schedule=o.schedule,
             min_ratio=o.min_lr_ratio,
         )
-        norm = self.engine.clip_grad_norm(o.grad_clip)
-        ok = math.isfinite(loss) and math.isfinite(norm)
+        ok = math.isfinite(loss)
+        # Local / FSDP2: clip here and test the norm before stepping; DeepSpeed clips inside step().
+        norm = self.engine.clip_grad_norm(o.grad_clip) if ok else float("nan")
+        ok = ok and (norm is None or math.isfinite(norm))
         if ok:
-            self.engine.step(lr)
+            stepped = self.engine.step(lr)
+            norm = stepped if norm is None else norm
             self.nonfinite_in_a_row = 0
         else:
             self.nonfinite_in_a_row += 1
@@ -328,6 +331,7 @@ class MGRPOTrainer:
                     f"(optim.max_nonfinite_updates={o.max_nonfinite_updates}); stopping at step "
                     f"{self.step + 1}. Lower optim.lr, check the data, or resume from the last checkpoint"
                 )
+            self.engine.skip_update()
         self.engine.zero_grad()
         self.updates += 1
         return {"grad_norm": norm, "lr": lr, "skipped": 0.0 if ok else 1.0}
