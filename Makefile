@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint clean gpu-check
+.PHONY: test demo compare loss-demo lint clean gpu-check
 
 # The virtualenv with mgrpo_fast installed in editable mode (+ dev tools). Rebuilt when the build
 # files or the C++ sources change. torch comes first, from the pinned CPU wheel, unless the venv
@@ -23,9 +23,19 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; the test run is broken" >&2; exit 1; fi; \
 	exit $$rc
 
-# Run the small end-to-end demo.
+# The main job on the embedded default: train MGRPO on the bundled task with the bundled tiny model
+# (CPU, minutes), eval before/after, runs/demo/summary.png + summary.json + metrics.jsonl.
 demo: $(STAMP)
-	$(VENV)/bin/python -m mgrpo_fast.demo
+	$(VENV)/bin/python -m mgrpo_fast.demo $(DEMO_ARGS)
+
+# GRPO vs MGRPO at an equal rollout budget over 3 seeds on the embedded default (see README for the
+# wall time); runs/compare/summary.json.
+compare: $(STAMP)
+	$(VENV)/bin/python -m mgrpo_fast.compare $(COMPARE_ARGS)
+
+# One GRPO loss step through the public API vs the reference math (memory and time of both).
+loss-demo: $(STAMP)
+	$(VENV)/bin/python -m mgrpo_fast.loss_demo
 
 # Lint with ruff (config in pyproject.toml).
 lint: $(STAMP)

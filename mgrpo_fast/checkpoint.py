@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointError",
+    "load_run_checkpoint",
+    "save_run_checkpoint",
     "capture_rng_state",
     "latest_checkpoint",
     "list_checkpoints",
@@ -165,6 +167,48 @@ def write_atomically(
     except BaseException:
         abort_checkpoint(tmp)
         raise
+
+
+def save_run_checkpoint(
+    directory: str | os.PathLike,
+    step: int,
+    engine: Any,
+    meta: dict[str, Any],
+    config_yaml: str,
+    keep_last: int | None,
+) -> Path:
+    """Checkpoint ``step`` of a run: the engine's model and optimizer files, every rank's RNG state,
+    ``config.yaml`` and ``trainer_state.json`` (``meta``). Collective under torchrun: rank 0 prepares
+    the temporary directory and renames it, every rank writes its part in between."""
+    tmp = begin_checkpoint(directory, step) if engine.is_main else temp_checkpoint_path(directory, step)
+    engine.barrier()
+    try:
+        engine.save(tmp)
+        torch.save(capture_rng_state(), tmp / rng_file(engine.rank))
+        engine.barrier()
+        if engine.is_main:
+            (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            write_json(tmp / STATE_FILE, {**meta, "world_size": engine.world_size})
+            commit_checkpoint(directory, step, tmp, keep_last=keep_last)
+    except BaseException:
+        if engine.is_main:
+            abort_checkpoint(tmp)
+        raise
+    engine.barrier()
+    return Path(directory) / checkpoint_name(step)
+
+
+def load_run_checkpoint(path: str | os.PathLike, engine: Any) -> dict[str, Any]:
+    """Restore the engine's model and optimizer and this rank's RNG from checkpoint ``path``; returns
+    its ``trainer_state.json``."""
+    meta = read_state(path)
+    engine.load(Path(path))
+    rng = Path(path) / rng_file(engine.rank)
+    if rng.is_file():
+        restore_rng_state(torch.load(rng, weights_only=False))
+    else:  # e.g. resumed on more ranks than saved: the data order and sampling seeds still match
+        logger.warning("resume: %s has no RNG state for rank %d", path, engine.rank)
+    return meta
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

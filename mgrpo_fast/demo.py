@@ -1,144 +1,93 @@
-"""``make demo`` (until the trainer lands): one GRPO loss step through the public API, checked
-against the reference math.
+"""``make demo``: train MGRPO on the embedded default (the bundled arithmetic task and the tiny model
+made by ``mgrpo_fast.tools.make_tiny_model``) on a laptop CPU, and show what it did.
 
-A small random "policy head" scores a packed batch of completions for a few questions: rewards
-per completion -> ``group_advantages`` -> ``fused_linear_grpo_loss`` (chunked, never holding the
-``[tokens x vocab]`` logits) versus the reference (full fp32 logits + ``grpo_loss_ref``). It
-prints both losses, metrics, the largest gradient difference, the wall time of each and the bytes
-each saves for the backward pass (measured with ``saved_tensors_hooks``).
+1. evaluates the starting checkpoint with the two-pass protocol (Acc@t1, Acc@t2, Δi→c, Δc→i) on the
+   held-out split,
+2. trains MGRPO with ``configs/demo.yaml`` (progress bar with the live reward/accuracy),
+3. evaluates the trained policy the same way and prints both rows as a table,
+4. writes ``{run_dir}/summary.png`` (rewards per layer, correction rates per step, eval),
+   ``{run_dir}/summary.json`` (before/after, wall time) and ``{run_dir}/metrics.jsonl``.
 
-    python -m mgrpo_fast.demo [--questions 4] [--group-size 8] [--vocab 32768] [--hidden 256]
+    python -m mgrpo_fast.demo [--config configs/demo.yaml] [--key.sub=value ...]
 """
 
 from __future__ import annotations
 
-import argparse
+import json
+import logging
+import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
-import torch
+from .config_fields import ConfigError
+from .config_io import load_config, parse_cli
+from .evaluate import TwoPassResult, format_table
+from .plots import plot_summary
+from .run_log import read_metrics
 
-from . import fused_linear_grpo_loss, group_advantages
-from .layout import cu_seqlens_from_lengths
-from .reference import grpo_loss_ref, linear_logprobs_ref
+__all__ = ["DEFAULT_CONFIG", "eval_rows", "main"]
 
-
-def saved_bytes(fn):
-    """Run ``fn`` and return ``(result, bytes of distinct tensors autograd saved for backward)``."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-def build_batch(args: argparse.Namespace, gen: torch.Generator):
-    """A packed GRPO batch: ``questions x group_size`` completions of random lengths."""
-    num_seqs = args.questions * args.group_size
-    lengths = torch.randint(args.min_len, args.max_len + 1, (num_seqs,), generator=gen).tolist()
-    n = sum(lengths)
-    hidden = torch.randn(n, args.hidden, generator=gen) * 2.0
-    weight = torch.randn(args.vocab, args.hidden, generator=gen) / args.hidden**0.5
-    targets = torch.randint(0, args.vocab, (n,), generator=gen)
-    # Pretend the sampler was a slightly different policy: old log-probs = current + noise.
-    with torch.no_grad():
-        logp_now = linear_logprobs_ref(hidden, weight, targets, temperature=args.temperature)[0]
-    old_logp = logp_now + 0.1 * torch.randn(n, generator=gen)
-    rewards = (torch.rand(num_seqs, generator=gen) < 0.5).float()
-    group_index = torch.arange(args.questions).repeat_interleave(args.group_size)
-    return lengths, hidden, weight, targets, old_logp, rewards, group_index
+def eval_rows(records: Sequence[dict]) -> list[tuple[int, TwoPassResult]]:
+    """The ``eval/*`` records of a run as ``(step, TwoPassResult)``, in step order."""
+    out = []
+    for r in records:
+        if "eval/acc_t1" in r:
+            fields = {k.removeprefix("eval/"): r[k] for k in r if k.startswith("eval/")}
+            fields["num_problems"] = int(fields["num_problems"])
+            out.append((int(r["step"]), TwoPassResult(**fields)))
+    return out
 
 
-def padded(values: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    return torch.nn.utils.rnn.pad_sequence(list(values.split(lengths)), batch_first=True)
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    path, overrides = parse_cli(argv)
+    try:
+        cfg = load_config(path or DEFAULT_CONFIG, overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"mgrpo demo: error: {e}", file=sys.stderr)
+        return 2
+    from .trainer import MGRPOTrainer
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--questions", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--min-len", type=int, default=16)
-    parser.add_argument("--max-len", type=int, default=96)
-    parser.add_argument("--vocab", type=int, default=32768)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.9)
-    parser.add_argument("--loss-type", default="dapo")
-    parser.add_argument("--chunk-size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    gen = torch.Generator().manual_seed(args.seed)
-    lengths, hidden, weight, targets, old_logp, rewards, group_index = build_batch(args, gen)
-    n, num_seqs = hidden.shape[0], len(lengths)
-    advantages = group_advantages(rewards, group_index)
-    options = dict(loss_type=args.loss_type, epsilon_low=0.2, epsilon_high=0.28)
+    t0 = time.perf_counter()
+    trainer = MGRPOTrainer(cfg)
+    cfg = trainer.config
     print(
-        f"batch: {args.questions} questions x {args.group_size} completions = {num_seqs} sequences, "
-        f"{n} packed tokens, vocab {args.vocab}, hidden {args.hidden}, loss_type {args.loss_type}"
+        f"mgrpo demo: {cfg.algo} on {len(trainer.train_problems)} bundled problems, "
+        f"{cfg.optim.total_steps} steps x {cfg.optim.questions_per_step} questions, "
+        f"G1={cfg.layer1.group_size} G2={cfg.layer2.group_size}; run dir {cfg.logging.run_dir}"
     )
-    print(f"rewards {rewards.tolist()}")
-
-    def fused():
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss, metrics = fused_linear_grpo_loss(
-            h,
-            w,
-            targets,
-            advantages,
-            None,
-            cu_seqlens=cu_seqlens_from_lengths(lengths),
-            old_logp=old_logp,
-            temperature=args.temperature,
-            chunk_size=args.chunk_size,
-            impl="torch",
-            **options,
+    trainer.train()
+    wall = time.perf_counter() - t0
+    run_dir = Path(cfg.logging.run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    evals = eval_rows(records)
+    if len(evals) < 2:
+        print(
+            "mgrpo demo: the run logged fewer than two evaluations (eval.at_start / eval.at_end)",
+            file=sys.stderr,
         )
-        return loss, metrics, h, w
-
-    def reference():
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        logp, entropy, _ = linear_logprobs_ref(h, w, targets, temperature=args.temperature)
-        mask = padded(torch.ones(n), lengths)
-        loss, metrics = grpo_loss_ref(
-            padded(logp, lengths),
-            padded(old_logp, lengths),
-            None,
-            advantages,
-            mask,
-            entropy=padded(entropy, lengths),
-            **options,
-        )
-        return loss, metrics, h, w
-
-    rows = []
-    for name, fn in (("fused (chunked torch)", fused), ("reference (full logits)", reference)):
-        start = time.perf_counter()
-        (loss, metrics, h, w), saved = saved_bytes(fn)
-        loss.backward()
-        rows.append((name, loss, metrics, h.grad, w.grad, time.perf_counter() - start, saved))
-
-    keys = list(rows[1][2])
-    print(f"\n{'':30}" + "".join(f"{name:>26}" for name, *_ in rows))
-    table = [("loss", [f"{float(r[1].detach()):.8f}" for r in rows])]
-    table += [(k, [f"{float(r[2][k]):.6f}" for r in rows]) for k in keys]
-    table += [("fwd+bwd seconds", [f"{r[5]:.3f}" for r in rows])]
-    table += [("saved for backward MiB", [f"{r[6] / 2**20:.1f}" for r in rows])]
-    for label, cells in table:
-        print(f"{label:30}" + "".join(f"{c:>26}" for c in cells))
-    (_, l1, _, gh1, gw1, *_), (_, l2, _, gh2, gw2, *_) = rows
-    print(
-        f"\n|loss diff| = {abs(float((l1 - l2).detach())):.2e}"
-        f"   max|dL/dhidden diff| = {float((gh1 - gh2).abs().max()):.2e}"
-        f"   max|dL/dweight diff| = {float((gw1 - gw2).abs().max()):.2e}"
-    )
-    print(
-        f"full logits would be {n} x {args.vocab} fp32 = {n * args.vocab * 4 / 2**20:.1f} MiB; "
-        f"the fused path holds {min(args.chunk_size, n)} x {args.vocab} at a time"
-    )
+        return 1
+    (s0, before), (s1, after) = evals[0], evals[-1]
+    print()
+    print(format_table({f"start (step {s0})": before, f"after {cfg.algo.upper()} (step {s1})": after}))
+    png = plot_summary(records, run_dir / "summary.png", title=f"{cfg.algo.upper()} demo on the bundled task")
+    summary = {
+        "before": before.__dict__,
+        "after": after.__dict__,
+        "wall_s": wall,
+        "steps": trainer.step,
+        "evals": [{"step": s, **r.__dict__} for s, r in evals],
+        "config": cfg.to_dict(),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    print(f"\nwall time {wall:.0f} s; wrote {png}, {run_dir / 'summary.json'}, {run_dir / 'metrics.jsonl'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -31,20 +31,7 @@ from typing import Any
 import torch
 
 from . import mgrpo
-from .checkpoint import (
-    STATE_FILE,
-    abort_checkpoint,
-    begin_checkpoint,
-    capture_rng_state,
-    checkpoint_name,
-    commit_checkpoint,
-    latest_checkpoint,
-    read_state,
-    restore_rng_state,
-    rng_file,
-    temp_checkpoint_path,
-    write_json,
-)
+from .checkpoint import latest_checkpoint, load_run_checkpoint, save_run_checkpoint
 from .config import TrainConfig
 from .data import Problem
 from .distributed import init_distributed, make_engine, make_reference
@@ -144,8 +131,8 @@ class MGRPOTrainer:
             dtype=_DTYPES[m.dtype],
             device=self.device,
             attn_implementation=m.attn_implementation,
-            gradient_checkpointing=m.gradient_checkpointing and not frozen,
             liger_kernels=m.liger_kernels,
+            gradient_checkpointing=m.gradient_checkpointing and not frozen,
         )
         if frozen:
             model.eval().requires_grad_(False)
@@ -171,7 +158,6 @@ class MGRPOTrainer:
             max_new_tokens=max_new_tokens,
             stop=r.stop,
             batch_size=r.batch_size,
-            return_logprobs=False,
         )
 
     @property
@@ -300,11 +286,12 @@ class MGRPOTrainer:
         """Clip, step AdamW at the scheduled LR and clear the gradients; an update whose loss or global
         gradient norm is NaN/Inf is skipped (the same decision on every rank)."""
         o = self.config.optim
+        mu = self.config.loss.mu
         lr = lr_at(
             self.updates,
             peak=o.lr,
-            total=o.total_steps * self.config.loss.mu,
-            warmup=o.warmup_steps * self.config.loss.mu,
+            total=o.total_steps * mu,
+            warmup=o.warmup_steps * mu,
             schedule=o.schedule,
             min_ratio=o.min_lr_ratio,
         )
@@ -428,32 +415,12 @@ class MGRPOTrainer:
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
 
     def save_checkpoint(self) -> Path:
-        """Write ``{checkpoint.dir}/step-XXXXXXXX`` atomically: model, optimizer, counters, RNG (per rank),
-        config. Collective under torchrun: rank 0 prepares and renames, every rank writes its part."""
-        ck, e = self.config.checkpoint, self.engine
-        tmp = begin_checkpoint(ck.dir, self.step) if e.is_main else temp_checkpoint_path(ck.dir, self.step)
-        e.barrier()
-        try:
-            e.save(tmp)
-            torch.save(capture_rng_state(), tmp / rng_file(e.rank))
-            e.barrier()
-            if e.is_main:
-                (tmp / "config.yaml").write_text(self.config.to_yaml(), encoding="utf-8")
-                meta = {
-                    **self.state_dict(),
-                    "algo": self.config.algo,
-                    "seed": self.config.seed,
-                    "world_size": e.world_size,
-                }
-                write_json(tmp / STATE_FILE, meta)
-                path = commit_checkpoint(ck.dir, self.step, tmp, keep_last=ck.keep_last)
-                logger.info("saved checkpoint %s", path)
-        except BaseException:
-            if e.is_main:
-                abort_checkpoint(tmp)
-            raise
-        e.barrier()
-        return Path(ck.dir) / checkpoint_name(self.step)
+        """Write ``{checkpoint.dir}/step-XXXXXXXX`` atomically (collective under torchrun)."""
+        ck = self.config.checkpoint
+        meta = {**self.state_dict(), "algo": self.config.algo, "seed": self.config.seed}
+        path = save_run_checkpoint(ck.dir, self.step, self.engine, meta, self.config.to_yaml(), ck.keep_last)
+        logger.info("saved checkpoint %s", path)
+        return path
 
     def resume(self, checkpoint: str | os.PathLike | bool = True) -> Path | None:
         """Load ``checkpoint`` (a path, or True = the newest in ``checkpoint.dir``; None if there is none)."""
@@ -461,14 +428,7 @@ class MGRPOTrainer:
         if path is None:
             logger.warning("resume: no checkpoint in %s; starting from step 0", self.config.checkpoint.dir)
             return None
-        meta = read_state(path)
-        self.engine.load(Path(path))
-        self.load_state_dict(meta)
-        rng = Path(path) / rng_file(self.engine.rank)
-        if rng.is_file():
-            restore_rng_state(torch.load(rng, weights_only=False))
-        else:  # e.g. resumed on more ranks than saved: the data order and sampling seeds still match
-            logger.warning("resume: %s has no RNG state for rank %d", path, self.engine.rank)
+        self.load_state_dict(load_run_checkpoint(path, self.engine))
         logger.info("resumed from %s at step %d", path, self.step)
         return Path(path)
 
