@@ -50,9 +50,19 @@ def _torchrun(*args: str, nproc: int = 2) -> list[str]:
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    return out
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:  # a hang: kill torchrun *and* its workers, then fail
+        _kill_tree(proc.pid)
+        stdout, stderr = proc.communicate()
+        pytest.fail(
+            f"timed out after {TIMEOUT} s (a collective mismatch?): {' '.join(cmd)}\n{stderr[-4000:]}"
+        )
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def _kill_tree(pid: int) -> None:
