@@ -67,6 +67,9 @@ class OptionalBuildExt(build_ext):
 def _packages() -> tuple[list[str], dict[str, str]]:
     """``mgrpo_fast`` (+ subpackages), and ``kernels/`` (+ subpackages) as ``mgrpo_fast.kernels``."""
     packages = ["mgrpo_fast", *find_packages(HERE, include=["mgrpo_fast.*"])]
+    # Data-only folder (no __init__.py): listed so its package data (pyproject.toml) ships without
+    # setuptools' "Package would be ignored" warning.
+    packages.append("mgrpo_fast.assets.tiny_model")
     package_dir = {"mgrpo_fast.kernels": "kernels"}
     packages.append("mgrpo_fast.kernels")
     for sub in find_packages(os.path.join(HERE, "kernels")):

@@ -178,6 +178,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
     p.add_argument("--guiding-phrase", default=DEFAULT_GUIDING_PHRASES[0], help="the phrase before pass 2")
     p.add_argument("--template", choices=("chat", "plain"), default="chat")
+    p.add_argument(
+        "--instruction",
+        default="auto",
+        help="appended to the question: 'auto' (the bundled task's prompt without --data, else the "
+        "default step-by-step \\boxed{} instruction), 'none', or the text",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p
@@ -189,13 +195,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .model import load_policy
     from .rollout import HFGenerateBackend
-    from .train_data import default_max_new_tokens, default_model_path, load_eval_problems
+    from .train_data import bundled_task_spec, default_max_new_tokens, default_model_path, load_eval_problems
 
     args = _parser().parse_args(argv)
     if args.num_problems < 1:
         _parser().error(f"--num-problems: expected an integer >= 1, got {args.num_problems}")
     problems = load_eval_problems(args.data or (), limit=args.num_problems)
     max_new = args.max_new_tokens or default_max_new_tokens(args.data)
+    instruction = {"auto": DEFAULT_INSTRUCTION, "none": None}.get(args.instruction, args.instruction)
+    if args.instruction == "auto" and not args.data:
+        instruction = bundled_task_spec().get("instruction", DEFAULT_INSTRUCTION)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict[str, TwoPassResult] = {}
     for path in args.model or [default_model_path()]:
@@ -212,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             guiding_phrase=args.guiding_phrase,
             seed=args.seed,
             template=args.template,
+            instruction=instruction,
         )
         del model, backend
     print(format_table(results))

@@ -14,6 +14,7 @@ step (whole groups per rank).
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from .data import Problem, load_problems
 
 __all__ = [
     "QuestionOrder",
+    "bundled_task_spec",
     "default_max_new_tokens",
     "default_model_path",
     "load_eval_problems",
@@ -45,13 +47,19 @@ def default_model_path() -> str:
     return path
 
 
+def bundled_task_spec() -> dict:
+    """How the bundled model was made, from its ``task.json``: the task parameters it was trained on
+    (``levels``, ``max_number``, ``max_value``), its prompt (``instruction``, null = none) and the
+    completion cap to sample with (``max_new_tokens``). Empty when the file is absent."""
+    path = Path(default_model_path()) / "task.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def default_max_new_tokens(files: Sequence[str] | None) -> int:
     """The bundled task's completion cap when no files are given, else 512."""
     if files:
         return _FALLBACK_MAX_NEW_TOKENS
-    from . import tasks
-
-    return int(getattr(tasks, "RECOMMENDED_MAX_NEW_TOKENS", _FALLBACK_MAX_NEW_TOKENS))
+    return int(bundled_task_spec().get("max_new_tokens", _FALLBACK_MAX_NEW_TOKENS))
 
 
 def _load(files: Sequence[str], split: str, limit: int | None, **fields) -> list[Problem]:
@@ -59,7 +67,9 @@ def _load(files: Sequence[str], split: str, limit: int | None, **fields) -> list
         return load_problems(list(files), limit=limit, **fields)
     from .tasks import bundled_problems
 
-    return bundled_problems(split, limit)
+    spec = bundled_task_spec()
+    task = {k: spec[k] for k in ("levels", "max_number", "max_value") if k in spec}
+    return bundled_problems(split, limit, **task)
 
 
 _FIELD_OPTIONS = ("format", "file_type", "question_field", "answer_field", "solution_field", "id_field")
