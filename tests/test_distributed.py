@@ -101,14 +101,18 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
-def _train_args(model_dir: str, data: Path, run_dir: Path, engine: str, *extra: str) -> list[str]:
+def _train_args(
+    model_dir: str | None, data: Path | None, run_dir: Path, engine: str, *extra: str
+) -> list[str]:
+    """``mgrpo_fast.train`` arguments; ``model_dir``/``data`` None = the embedded default (bundled model
+    and task)."""
+    where = [] if model_dir is None else [f"--model.path={model_dir}"]
+    where += [] if data is None else [f"--data.train_files=['{data}']", f"--data.eval_files=['{data}']"]
     return [
         "-m",
         "mgrpo_fast.train",
-        f"--model.path={model_dir}",
+        *where,
         f"--logging.run_dir={run_dir}",
-        f"--data.train_files=['{data}']",
-        f"--data.eval_files=['{data}']",
         "--data.instruction=null",
         f"--parallel.engine={engine}",
         "--logging.tensorboard=false",
@@ -147,7 +151,9 @@ def test_one_update_on_two_ranks_equals_one_process(model_dir, tmp_path, engine)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_mgrpo_on_two_ranks_with_kill_and_resume(model_dir, data_file, tmp_path, engine):
+def test_mgrpo_on_two_ranks_with_kill_and_resume(tmp_path, engine):
+    """3 MGRPO steps of the embedded default (bundled model and task) on 2 ranks; SIGKILL and resume."""
+    model_dir = data_file = None
     full = tmp_path / "full"
     _run(_torchrun(*_train_args(model_dir, data_file, full, engine)), tmp_path)
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
