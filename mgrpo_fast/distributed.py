@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .engine import build_adamw
+from .engine import LocalEngine, build_adamw
 from .packed_batch import build_microbatch
 from .update import PackedPolicy
 
@@ -137,11 +137,7 @@ def make_engine(
     """The engine of a run: :class:`~mgrpo_fast.engine.LocalEngine` without torchrun, else
     ``parallel.engine`` (``auto`` = FSDP2)."""
     if info is None:
-        from .engine import LocalEngine
-
-        return LocalEngine(
-            policy, module, config.optim, policy.device if hasattr(policy, "device") else "cpu"
-        )
+        return LocalEngine(policy, module, config.optim, torch.device(device))
     if engine_name(config.parallel) == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
 
@@ -207,8 +203,9 @@ class RankCollectives:
         dist.barrier()
 
 
-class FSDP2Engine(RankCollectives):
-    """The :mod:`~mgrpo_fast.engine` interface on FSDP2 (module docstring)."""
+class FSDP2Engine(RankCollectives, LocalEngine):
+    """The :mod:`~mgrpo_fast.engine` interface on FSDP2 (module docstring); the AdamW ``step``,
+    ``zero_grad`` and ``skip_update`` are the one-process engine's (the optimizer holds the shards)."""
 
     def __init__(
         self, policy: torch.nn.Module, module: PackedPolicy, optim: Any, info: DistInfo, parallel: Any
@@ -230,17 +227,6 @@ class FSDP2Engine(RankCollectives):
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"), foreach=True)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         return float(norm)
-
-    def step(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-
-    def skip_update(self) -> None:
-        """Drop the accumulated gradients of a non-finite update (the caller zeroes them)."""
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
 
     @contextlib.contextmanager
     def generation(self):
