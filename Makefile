@@ -35,7 +35,7 @@ compare: $(STAMP)
 
 # One GRPO loss step through the public API vs the reference math (memory and time of both).
 loss-demo: $(STAMP)
-	$(VENV)/bin/python -m mgrpo_fast.loss_demo
+	$(VENV)/bin/python -m mgrpo_fast.cli.loss_demo
 
 # Lint with ruff (config in pyproject.toml).
 lint: $(STAMP)

@@ -21,7 +21,7 @@ run ends inside ``--budget`` seconds (default 470, under 8 minutes):
            --platform manylinux2014_x86_64 -d .whl cut-cross-entropy==25.1.1 liger-kernel==0.8.5
 
    ``--no-deps`` fetches none of a wheel's requirements: add each one the GPU image lacks, one version each.
-3. ``pytest tests/test_cuda_kernels.py`` (real shapes), then, in a second pytest process, the other
+3. ``pytest tests/kernels/test_cuda_kernels.py`` (real shapes), then, in a second pytest process, the other
    CUDA-capable test files (those that check ``torch.cuda.is_available()``), with
    ``TRITON_INTERPRET`` removed from the environment.
 4. ``pytest benchmarks`` (writes ``benchmarks/results/<gpu>-<date>.json``).
@@ -52,9 +52,9 @@ from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-CUDA_TEST = "tests/test_cuda_kernels.py"
+CUDA_TEST = "tests/kernels/test_cuda_kernels.py"
 # CPU-only by design (ahead-of-time compile on the host, minutes): not part of the GPU check.
-NOT_GPU_TESTS = {"tests/test_kernels_compile.py", CUDA_TEST}
+NOT_GPU_TESTS = {"tests/kernels/test_kernels_compile.py", CUDA_TEST}
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Step:
 def cuda_capable_tests() -> list[str]:
     """Test files (besides the dedicated CUDA one) that exercise CUDA when it is there."""
     out = []
-    for path in sorted(glob.glob(os.path.join(REPO, "tests", "test_*.py"))):
+    for path in sorted(glob.glob(os.path.join(REPO, "tests", "**", "test_*.py"), recursive=True)):
         rel = os.path.relpath(path, REPO)
         if rel in NOT_GPU_TESTS:
             continue
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--results", default="", help="benchmark results folder (default benchmarks/results)")
     parser.add_argument("--copy-results", metavar="DIR", help="also copy the results JSON into DIR")
-    parser.add_argument("--skip-other-tests", action="store_true", help="run only tests/test_cuda_kernels.py")
+    parser.add_argument("--skip-other-tests", action="store_true", help="run only the CUDA kernel tests")
     args = parser.parse_args(argv)
 
     started = time.monotonic()

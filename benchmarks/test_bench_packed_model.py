@@ -43,10 +43,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from mgrpo_fast.attention import ATTN_IMPLEMENTATION, select_backend  # noqa: E402
-from mgrpo_fast.logprobs import linear_logprobs  # noqa: E402
-from mgrpo_fast.model import decoder_of, packed_logprobs  # noqa: E402
-from mgrpo_fast.packed_batch import SequenceSpec, build_microbatch  # noqa: E402
+from mgrpo_fast.models.attention import ATTN_IMPLEMENTATION, select_backend  # noqa: E402
+from mgrpo_fast.models.policy import decoder_of, packed_logprobs  # noqa: E402
+from mgrpo_fast.ops.logprobs import linear_logprobs  # noqa: E402
+from mgrpo_fast.packing.microbatch import SequenceSpec, build_microbatch  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

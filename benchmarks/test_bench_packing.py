@@ -22,8 +22,8 @@ import tracemalloc
 
 import pytest
 
-from mgrpo_fast._ext import has_extension
-from mgrpo_fast.packing import plan_microbatches
+from mgrpo_fast.packing.extension import has_extension
+from mgrpo_fast.packing.planner import plan_microbatches
 
 pytest.importorskip("pytest_benchmark")
 

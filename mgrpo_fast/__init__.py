@@ -42,10 +42,11 @@ def _map_source_kernels() -> None:
 
 _map_source_kernels()
 
-from .advantages import group_advantages  # noqa: E402
-from .logprobs import linear_logprobs  # noqa: E402
-from .loss import LossOptions, fused_linear_grpo_loss, grpo_loss  # noqa: E402
-from .modules import GRPOLoss  # noqa: E402
+from mgrpo_fast.ops.advantages import group_advantages  # noqa: E402
+from mgrpo_fast.ops.logprobs import linear_logprobs  # noqa: E402
+from mgrpo_fast.ops.loss import fused_linear_grpo_loss, grpo_loss  # noqa: E402
+from mgrpo_fast.ops.modules import GRPOLoss  # noqa: E402
+from mgrpo_fast.ops.options import LossOptions  # noqa: E402
 
 __version__ = "0.1.0"
 

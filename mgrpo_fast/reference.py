@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-ADVANTAGE_SCALES = ("group", "batch", "none")
+# The option names are the product's (one list); the math below is written independently of it.
+from mgrpo_fast.ops.options import ADVANTAGE_SCALES, IMPORTANCE_SAMPLING_LEVELS, KL_ESTIMATORS, LOSS_TYPES
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

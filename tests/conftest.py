@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from mgrpo_fast.layout import cu_seqlens_from_lengths
+from mgrpo_fast.ops.layout import cu_seqlens_from_lengths
 
 # --------------------------------------------------------------------------------------------
 # hypothesis: few examples and no deadline, so the whole suite stays fast and never flakes on a
@@ -152,7 +152,7 @@ TOL = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-5},
 }
 
-# The small absolute slack of DESIGN.md §3's low-precision rule, per input dtype.
+# The small absolute slack of docs/kernels.md's low-precision rule, per input dtype.
 RULE_ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
@@ -170,7 +170,7 @@ def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 def assert_within_rule(
     candidate: torch.Tensor, plain: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype, what: str = ""
 ) -> None:
-    """DESIGN.md §3: ``|candidate - ref64| <= 2 |plain - ref64| + atol(dtype)`` (max norm).
+    """docs/kernels.md: ``|candidate - ref64| <= 2 |plain - ref64| + atol(dtype)`` (max norm).
 
     ``candidate`` is our implementation at ``dtype``, ``plain`` what plain torch computes at the
     same dtype, ``ref64`` the fp64 reference on the same (already rounded) inputs.

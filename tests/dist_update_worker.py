@@ -1,5 +1,5 @@
 """One packed update on a fixed batch, under torchrun (2 ranks) or alone (1 process); writes the
-updated weights with ``export``. Used by tests/test_distributed.py:
+updated weights with ``export``. Used by tests/engines/test_distributed.py:
 
     python tests/dist_update_worker.py MODEL_DIR OUT_DIR ENGINE [--key=value ...]
 """
@@ -10,11 +10,11 @@ import sys
 
 import torch
 
-from mgrpo_fast.config_io import load_config
-from mgrpo_fast.data import Problem
-from mgrpo_fast.mgrpo import TrainingBatch
-from mgrpo_fast.packed_batch import SequenceSpec
-from mgrpo_fast.trainer import MGRPOTrainer
+from mgrpo_fast.config.loading import load_config
+from mgrpo_fast.data.problems import Problem
+from mgrpo_fast.packing.microbatch import SequenceSpec
+from mgrpo_fast.rl.layers import TrainingBatch
+from mgrpo_fast.rl.trainer import MGRPOTrainer
 
 
 def fixed_batch(vocab: int, n: int = 10) -> TrainingBatch:

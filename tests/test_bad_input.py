@@ -1,4 +1,4 @@
-"""DESIGN.md §6: every bad input gets a precise error that names the argument.
+"""docs/troubleshooting.md: every bad input gets a precise error that names the argument.
 
 Each case asserts the exception type (TypeError for a wrong type/dtype, ValueError for a wrong
 shape/value/range, RuntimeError for an unavailable implementation) and that the message names
@@ -13,12 +13,12 @@ import torch
 from mgrpo_fast import (
     GRPOLoss,
     LossOptions,
-    dispatch,
     fused_linear_grpo_loss,
     group_advantages,
     grpo_loss,
     linear_logprobs,
 )
+from mgrpo_fast.ops import dispatch as dispatch
 
 N, H, V = 6, 4, 11
 

@@ -63,9 +63,10 @@ from typing import Any
 
 import torch
 
-from ..logprobs import linear_logprobs
-from ..loss import LossOptions, fused_linear_grpo_loss, grpo_loss
-from ..validation import check_choice
+from mgrpo_fast.ops.logprobs import linear_logprobs
+from mgrpo_fast.ops.loss import fused_linear_grpo_loss, grpo_loss
+from mgrpo_fast.ops.options import LossOptions
+from mgrpo_fast.ops.validation import check_choice
 
 TRL_MIN_VERSION = (1, 10)
 TRL_MAX_VERSION = (1, 16)  # inclusive: every 1.16.x release

@@ -1,5 +1,5 @@
 """Build the bundled tiny model: a character-level tokenizer and a small Llama model trained supervised
-on the arithmetic task (:mod:`mgrpo_fast.tasks.arithmetic`), on CPU, in minutes.
+on the arithmetic task (:mod:`mgrpo_fast.data.arithmetic`), on CPU, in minutes.
 
     python -m mgrpo_fast.tools.make_tiny_model --out DIR [--steps N] [--seed S] [--threads T]
 
@@ -38,10 +38,12 @@ from typing import Any
 
 import torch
 
-from ..data import Problem, build_prompt_ids
-from ..rewards import answers_match, extract_answer
-from ..rollout import HFGenerateBackend, SamplingParams
-from ..tasks.arithmetic import DEFAULT_MAX_VALUE, bundled_problems
+from mgrpo_fast.data.answers import answers_match, extract_answer
+from mgrpo_fast.data.arithmetic import DEFAULT_MAX_VALUE, bundled_problems
+from mgrpo_fast.data.problems import Problem
+from mgrpo_fast.data.prompts import build_prompt_ids
+from mgrpo_fast.rl.rollout.base import SamplingParams
+from mgrpo_fast.rl.rollout.hf import HFGenerateBackend
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
 CHARACTERS = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -240,10 +242,10 @@ def _readme(args: argparse.Namespace, stats: dict[str, Any]) -> str:
 
 A character-level Llama model ({stats["params"]:,} parameters, fp32 safetensors of {stats["bytes"]:,}
 bytes) trained supervised on direct solutions of the bundled arithmetic task
-(`mgrpo_fast.tasks.arithmetic`, train split, levels {list(args.levels)}, max_number {args.max_number},
+(`mgrpo_fast.data.arithmetic`, train split, levels {list(args.levels)}, max_number {args.max_number},
 max_value {args.max_value}), prompt `Question: ...\n\nAnswer:` with instruction
 {args.instruction!r}. It exists so that MGRPO can be trained on CPU in minutes with nothing
-downloaded: `mgrpo_fast.tasks.bundled_model_path()`.
+downloaded: `mgrpo_fast.data.bundled.bundled_model_path()`.
 
 Made with (seed {args.seed}, {args.steps} steps of {args.batch_size} examples, {args.threads} torch
 thread(s), {stats["wall_s"] / 60:.1f} min wall time on the machine that built it):
@@ -363,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model.save_pretrained(args.out)  # safetensors, fp32
     tokenizer.save_pretrained(args.out)
     spec = {
-        "task": "mgrpo_fast.tasks.arithmetic",
+        "task": "mgrpo_fast.data.arithmetic",
         **eval_task,
         "instruction": args.instruction,
         "max_new_tokens": RECOMMENDED_MAX_NEW_TOKENS,

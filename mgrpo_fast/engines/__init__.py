@@ -1,0 +1,1 @@
+"""Training engines: the ``Engine`` contract, one process, FSDP2 and DeepSpeed ZeRO."""

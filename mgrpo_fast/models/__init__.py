@@ -1,0 +1,1 @@
+"""Loading causal LMs and running them on packed micro-batches (packed varlen attention)."""

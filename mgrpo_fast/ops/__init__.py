@@ -1,0 +1,1 @@
+"""The public functional API and its implementations: log-probs, the GRPO loss, advantages, ``GRPOLoss``."""

@@ -1,0 +1,186 @@
+"""The fused lm_head + GRPO loss on the Triton kernels, at the 6·N·H·V FLOP floor.
+
+With token-level importance sampling, the loss's gradient with respect to each row's log-prob,
+``dL/dlogp_i``, depends only on that row (its log-prob, old/ref log-probs, advantage and a
+normalizer known before the pass). So one pass per chunk of rows does everything:
+
+1. ``linear_logprobs_forward(..., stash=)``: the fused GEMM + online-softmax kernel gives ``logp``,
+   ``entropy`` and ``lse`` and also writes the fp32 ``z = logits / T`` of the chunk into a bounded
+   stash (``chunk x V`` fp32, reused for every chunk): ``2·c·H·V`` FLOPs;
+2. ``grpo_token_terms``: per-row loss terms and ``dL/dlogp`` (elementwise kernel);
+3. ``dlogits(..., stash=)``: ``dL/dz = g (1[k = target] - p) / T`` from the stash, no recompute;
+4. two cuBLAS GEMMs: ``grad_hidden[chunk] = dlogits @ W`` and ``grad_W += dlogits^T @ h[chunk]``
+   into an fp32 accumulator: ``4·c·H·V`` FLOPs.
+
+Gradients are computed during the forward and scaled by the incoming gradient in the backward (the
+loss is a scalar). Extra memory: the stash (``chunk·V·4`` bytes), one dlogits chunk in the GEMM
+dtype, the fp32 ``(V, H)`` weight-gradient accumulator and ``grad_hidden`` — never ``N x V``.
+Sequence-level importance sampling (GSPO) couples the rows of a sequence, so it takes the
+two-pass path instead (Triton log-probs + torch autograd for the loss, 8·N·H·V).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mgrpo_fast.ops.options import LossOptions
+
+# One fp32 z-stash of at most this many bytes (the chunk of rows is sized from it).
+STASH_BYTES = 1 << 30
+
+
+def stash_rows(vocab: int, block_m: int) -> int:
+    """Rows per chunk: the fp32 ``(rows, V)`` stash fits ``STASH_BYTES``; a multiple of ``block_m``."""
+    rows = STASH_BYTES // (4 * max(vocab, 1))
+    return max(block_m, rows // block_m * block_m)
+
+
+class TritonFusedLinearGRPOLoss(torch.autograd.Function):
+    """``(hidden (M, H), weight (V, H), bias (V,) | None, targets (M,), old (M,) | None,
+    ref (M,) | None, advantages (M,), mask (M,), token_weight (M,), options, temperature,
+    chunk_rows)`` -> ``(loss, logp, entropy, ratio, clip_low, clip_high, kl)``.
+
+    Only ``loss`` is differentiable (w.r.t. hidden, weight, bias); the per-row tensors are detached
+    and feed the metrics. Rows are the loss rows only (the caller selects them).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        targets,
+        old,
+        ref,
+        advantages,
+        mask,
+        token_weight,
+        options,
+        temperature,
+        chunk_rows,
+    ):
+        from mgrpo_fast.kernels.grpo_loss import grpo_token_terms
+        from mgrpo_fast.kernels.linear_logprobs import apply_dlogits, dlogits, linear_logprobs_forward
+
+        o: LossOptions = options
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_grad = need_h or need_w or need_b
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = None  # fp32 (V, H), created by the first chunk
+        grad_b = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_b else None
+        # the bounded fp32 z stash, reused by every chunk (only needed to skip the backward recompute)
+        stash = (
+            torch.empty((min(chunk_rows, rows), vocab), dtype=torch.float32, device=hidden.device)
+            if need_grad
+            else None
+        )
+        pieces: dict[str, list[torch.Tensor]] = {
+            k: [] for k in ("loss", "logp", "entropy", "ratio", "low", "high", "kl")
+        }
+        for start in range(0, rows, chunk_rows):
+            sl = slice(start, min(start + chunk_rows, rows))
+            h_c, t_c = hidden[sl], targets[sl]
+            z = None if stash is None else stash[: h_c.shape[0]]
+            logp, entropy, lse = linear_logprobs_forward(h_c, weight, t_c, bias, temperature, stash=z)
+            terms = grpo_token_terms(
+                logp,
+                None if old is None else old[sl],
+                None if ref is None else ref[sl],
+                advantages[sl],
+                mask[sl],
+                token_weight[sl],
+                loss_type=o.loss_type,
+                epsilon_low=o.epsilon_low,
+                epsilon_high=o.epsilon_high,
+                delta=o.delta,
+                beta=o.beta,
+                kl_estimator=o.kl_estimator,
+                compute_grad=need_grad,
+            )
+            if need_grad:
+                d = dlogits(h_c, weight, bias, t_c, lse, entropy, terms["dlogp"], None, temperature, stash=z)
+                grad_w = apply_dlogits(
+                    d, h_c, weight, None if grad_h is None else grad_h[sl], grad_w, grad_b, need_weight=need_w
+                )
+                del d
+            for key, value in (
+                ("loss", terms["loss_terms"]),
+                ("logp", logp),
+                ("entropy", entropy),
+                ("ratio", terms["ratio"]),
+                ("low", terms["clip_low"]),
+                ("high", terms["clip_high"]),
+                ("kl", terms["kl"]),
+            ):
+                if value is not None:
+                    pieces[key].append(value)
+        del stash
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        cat = {k: torch.cat(v) if v else empty for k, v in pieces.items()}
+        if rows == 0:
+            cat["low"] = cat["high"] = torch.zeros(0, dtype=torch.bool, device=hidden.device)
+        if ref is None:
+            cat["kl"] = None
+        loss = cat["loss"].sum()  # fixed-order reduction: deterministic
+        if need_w:
+            grad_w = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
+        if need_b:
+            grad_b = grad_b.to(bias.dtype)
+        if need_h and rows == 0:
+            grad_h.zero_()
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        extras = [cat[k] for k in ("logp", "entropy", "ratio", "low", "high", "kl") if cat[k] is not None]
+        ctx.mark_non_differentiable(*extras)
+        return loss, cat["logp"], cat["entropy"], cat["ratio"], cat["low"], cat["high"], cat["kl"]
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+
+        def scale(g: torch.Tensor | None) -> torch.Tensor | None:
+            return None if g is None else g * grad_loss.to(g.dtype)
+
+        return (scale(grad_h), scale(grad_w), scale(grad_b)) + (None,) * 9
+
+
+def triton_fused_linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    token_weight: torch.Tensor,
+    options: LossOptions,
+    temperature: float,
+    chunk_rows: int | None = None,
+):
+    """Functional form on the loss rows: ``(loss, logp, entropy, ratio, clip_low, clip_high, kl)``.
+
+    ``hidden (M, H)`` and ``weight (V, H)`` in one of fp32/fp16/bf16; the per-row inputs ``(M,)``
+    are cast to fp32. ``chunk_rows`` defaults to a 1 GiB fp32 stash.
+    """
+    from mgrpo_fast.kernels.linear_logprobs import block_rows
+
+    if options.importance_sampling_level != "token":
+        raise ValueError("importance_sampling_level: the one-pass fused kernel path needs 'token'")
+    f32 = lambda t: None if t is None else t.detach().to(torch.float32).contiguous()  # noqa: E731
+    chunk = chunk_rows or stash_rows(weight.shape[0], block_rows(hidden.dtype))
+    return TritonFusedLinearGRPOLoss.apply(
+        hidden,
+        weight,
+        bias,
+        targets,
+        f32(old_logp),
+        f32(ref_logp),
+        f32(advantages),
+        f32(mask),
+        f32(token_weight),
+        options,
+        float(temperature),
+        int(chunk),
+    )

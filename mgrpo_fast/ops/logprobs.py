@@ -1,0 +1,268 @@
+"""Per-token log-probs and entropy of ``hidden @ weight.T`` without materializing the logits.
+
+``linear_logprobs`` is the public op. Its torch implementation walks the rows in chunks: each
+chunk's ``(chunk, V)`` logits block is computed in fp32, reduced to ``logp``, ``entropy`` and
+``lse`` and freed; the backward recomputes each block from the saved ``lse``. Peak extra memory is
+``O(chunk * V)`` for the block plus ``O(V * H)`` fp32 for the weight gradient accumulator, and
+never grows with ``N * V``.
+
+Gradients, with ``z = logits / T``, ``p = softmax(z)`` and upstream ``g_logp``, ``g_ent`` per row::
+
+    d logp    / d z_k = 1[k = target] - p_k
+    d entropy / d z_k = -p_k (z_k - E_p[z])          (E_p[z] = lse - entropy)
+    d z / d logits    = 1 / T
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mgrpo_fast.kernels._common import matmul_fp32
+from mgrpo_fast.ops.dispatch import resolve_impl
+from mgrpo_fast.ops.validation import (
+    check_float,
+    check_index_range,
+    check_integer,
+    check_ndim,
+    check_positive,
+    check_same_device,
+    check_shape,
+)
+
+# Rows per chunk are chosen so one fp32 logits block holds about this many elements (256 MiB).
+LOGITS_BLOCK_ELEMENTS = 1 << 26
+
+
+def default_chunk_size(num_rows: int, vocab: int) -> int:
+    """Rows per chunk: ~64 M fp32 logits per block, at least 1, at most all rows."""
+    return max(1, min(num_rows, LOGITS_BLOCK_ELEMENTS // max(vocab, 1)))
+
+
+def _operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """The operands the GEMMs run on and the dtype of the logits (fp32, or fp64 for fp64 inputs).
+
+    Low-precision operands stay as they are on CUDA (the GEMM accumulates and outputs fp32); on
+    other devices, or when dtypes differ, both are upcast once per call (``O(V * H)`` extra).
+    """
+    acc = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+    if hidden.dtype == weight.dtype and hidden.dtype in (torch.float16, torch.bfloat16) and hidden.is_cuda:
+        return hidden, weight, acc
+    return hidden.to(acc), weight.to(acc), acc
+
+
+class ChunkedLinearLogprobs(torch.autograd.Function):
+    """Autograd op: ``(hidden (M, H), weight (V, H), bias (V,) | None, targets (M,))`` -> ``(logp, entropy)``.
+
+    Both outputs are ``(M,)`` in fp32 (fp64 for fp64 inputs). The entropy gradient is computed
+    only when the entropy output receives one.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size):
+        h_op, w_op, acc = _operands(hidden, weight)
+        rows = hidden.shape[0]
+        logp = torch.empty(rows, dtype=acc, device=hidden.device)
+        entropy = torch.empty_like(logp)
+        lse = torch.empty_like(logp)
+        bias_acc = None if bias is None else bias.to(acc)
+        for start in range(0, rows, chunk_size):
+            stop = min(start + chunk_size, rows)
+            z = matmul_fp32(h_op[start:stop], w_op.T)  # (chunk, V) fp32: the only large temporary
+            if bias_acc is not None:
+                z += bias_acc
+            z /= temperature
+            lse_c = torch.logsumexp(z, dim=-1)
+            logp[start:stop] = z.gather(1, targets[start:stop, None]).squeeze(1) - lse_c
+            # entropy = lse - Σ p z; p is the second (and last) (chunk, V) block
+            p = torch.sub(z, lse_c[:, None]).exp_()
+            entropy[start:stop] = lse_c - p.mul_(z).sum(1)
+            lse[start:stop] = lse_c
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(lse)
+        return logp, entropy, lse
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, _grad_lse):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None, None
+        h_op, w_op, acc = _operands(hidden, weight)
+        rows = hidden.shape[0]
+        inv_t = 1.0 / ctx.temperature
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        # fp32 accumulator across chunks: the weight gradient is never summed in bf16
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        bias_acc = None if bias is None else bias.to(acc)
+        for start in range(0, rows, ctx.chunk_size):
+            stop = min(start + ctx.chunk_size, rows)
+            z = matmul_fp32(h_op[start:stop], w_op.T)
+            if bias_acc is not None:
+                z += bias_acc
+            z /= ctx.temperature
+            lse_c = lse[start:stop, None]
+            p = torch.sub(z, lse_c).exp_()
+            # Two (chunk, V) blocks at most: z is reused for the entropy term, p for the logp term.
+            dz = None
+            if grad_entropy is not None:
+                z -= lse_c - entropy[start:stop, None]  # z - E_p[z]
+                dz = z.mul_(p).mul_(-grad_entropy[start:stop, None])
+            del z
+            if grad_logp is not None:
+                g = grad_logp[start:stop, None]
+                p.mul_(-g).scatter_add_(1, targets[start:stop, None], g)  # g (1[k=t] - p_k)
+                dz = p if dz is None else dz.add_(p)
+            del p
+            dz *= inv_t  # now d loss / d logits, (chunk, V) fp32
+            d_op = dz.to(w_op.dtype) if w_op.dtype != acc else dz
+            if need_h:
+                grad_hidden[start:stop] = matmul_fp32(d_op, w_op).to(hidden.dtype)
+            if need_w:
+                grad_weight += matmul_fp32(d_op.T, h_op[start:stop])
+            if need_b:
+                grad_bias += dz.sum(0)
+        if need_w:
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_b:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    row_index: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each target token under ``softmax((hidden @ weight.T + bias) / temperature)``.
+
+    The ``(rows x V)`` logits are never materialized: they are formed one block at a time in fp32.
+
+    Args:
+        hidden: ``(..., H)`` hidden states (fp32, bf16, fp16 or fp64).
+        weight: ``(V, H)`` lm_head weight.
+        targets: ``(...)`` int token ids in ``[0, V)``, same leading shape as ``hidden``.
+        bias: optional ``(V,)``.
+        temperature: positive; logits are divided by it.
+        return_entropy: also return the entropy of each row's distribution.
+        row_index: optional ``(M,)`` int indices into the flattened rows of ``hidden``: only those
+            rows are computed (e.g. the completion tokens of a packed batch), prompt rows cost nothing.
+        chunk_size: rows per logits block of the torch path (default: ~64 M logits per block).
+        impl: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``logp`` of shape ``(...)`` (or ``(M,)`` with ``row_index``) in fp32 (fp64 for fp64
+        inputs), and ``entropy`` of the same shape when ``return_entropy``. Both are differentiable
+        with respect to ``hidden``, ``weight`` and ``bias``.
+    """
+    logp, entropy, _ = linear_logprobs_with_lse(
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        temperature=temperature,
+        row_index=row_index,
+        chunk_size=chunk_size,
+        impl=impl,
+    )
+    return (logp, entropy) if return_entropy else logp
+
+
+def select_rows(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    row_index: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
+    """Validate the arguments of a log-prob computation and pick its rows.
+
+    Returns ``(hidden2d (M, H), targets1d (M,) int64, out_shape)``: the rows to compute (all rows
+    of ``hidden (..., H)``, or those of ``row_index``) and the shape the results take. Targets are
+    range-checked only on the selected rows, so padding ids (e.g. -100) elsewhere are fine.
+    """
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    check_integer("targets", targets)
+    check_ndim("hidden", hidden, range(1, 64), "(..., H)")
+    check_ndim("weight", weight, (2,), "a 2-D tensor (V, H)")
+    vocab, width = weight.shape
+    if hidden.shape[-1] != width:
+        raise ValueError(
+            f"hidden: expected last dim H = {width} (weight is (V, H) = {tuple(weight.shape)}), "
+            f"got shape {tuple(hidden.shape)}"
+        )
+    check_shape("targets", targets, hidden.shape[:-1], "(...) = hidden.shape[:-1]")
+    if bias is not None:
+        check_float("bias", bias)
+        check_shape("bias", bias, (vocab,), "(V,)")
+    check_same_device("hidden", hidden, weight=weight, targets=targets, bias=bias, row_index=row_index)
+    check_positive("temperature", temperature)
+
+    out_shape = hidden.shape[:-1]
+    hidden2d = hidden.reshape(-1, width)
+    targets1d = targets.reshape(-1)
+    if row_index is not None:
+        check_integer("row_index", row_index)
+        check_ndim("row_index", row_index, (1,), "a 1-D tensor (M,) of row indices")
+        check_index_range("row_index", row_index, hidden2d.shape[0], "number of rows")
+        row_index = row_index.long()
+        hidden2d = hidden2d.index_select(0, row_index)
+        targets1d = targets1d.index_select(0, row_index)
+        out_shape = row_index.shape
+    check_index_range("targets", targets1d, vocab, "V")
+    return hidden2d, targets1d.long(), out_shape
+
+
+def use_triton(impl: str, op: str, hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``impl`` resolves to the Triton kernels for these operands.
+
+    ``auto`` keeps fp64 and mixed-dtype operands on the torch path (the GEMM kernels take
+    fp32/fp16/bf16 with one dtype); an explicit ``impl="triton"`` lets the kernel reject them.
+    """
+    choice = resolve_impl(impl, op, hidden.device)
+    if choice == "triton" and impl == "auto":
+        return hidden.dtype == weight.dtype and hidden.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return choice == "triton"
+
+
+def linear_logprobs_with_lse(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    row_index: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``linear_logprobs`` returning ``(logp, entropy, lse)``; ``lse`` carries no gradient."""
+    if chunk_size is not None:
+        check_positive("chunk_size", chunk_size)
+    hidden2d, targets1d, out_shape = select_rows(hidden, weight, targets, bias, temperature, row_index)
+    if use_triton(impl, "linear_logprobs", hidden, weight):
+        from mgrpo_fast.kernels.linear_logprobs import triton_linear_logprobs
+
+        logp, entropy, lse = triton_linear_logprobs(hidden2d, weight, targets1d, bias, float(temperature))
+    else:
+        chunk = (
+            int(chunk_size)
+            if chunk_size is not None
+            else default_chunk_size(hidden2d.shape[0], weight.shape[0])
+        )
+        logp, entropy, lse = ChunkedLinearLogprobs.apply(
+            hidden2d, weight, bias, targets1d, float(temperature), chunk
+        )
+    return logp.reshape(out_shape), entropy.reshape(out_shape), lse.reshape(out_shape)

@@ -1,0 +1,1 @@
+"""Rollout backends: the interface (:mod:`.base`) and transformers ``generate`` (:mod:`.hf`)."""

@@ -1,0 +1,330 @@
+"""Config: the documented defaults, YAML + CLI precedence, errors naming the field path (and file:line or the
+override), the GRPO/MGRPO equal-budget rule, round-trip and the atomic save of the resolved config."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from mgrpo_fast.config.fields import ConfigError
+from mgrpo_fast.config.loading import load_config, parse_cli
+from mgrpo_fast.config.sections import (
+    Layer1Config,
+    Layer2Config,
+    LossConfig,
+    TrainConfig,
+    equal_budget_group_size,
+    parse_selection,
+)
+from mgrpo_fast.ops.options import LossOptions
+
+REPO = Path(__file__).resolve().parents[2]
+PAPER_PHRASES = (
+    "Wait, let me double-check that.",
+    "Where might I have gone wrong this time? Let me double-check carefully.",
+    "Wait a minute, let me make sure I didn't make a mistake.",
+    "Hmm, let me think if there's another way to approach this problem.",
+    "But wait, let me make sure I didn't miss anything in the original problem.",
+)
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(fn, *args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Defaults and documentation
+# --------------------------------------------------------------------------------------------
+def test_defaults_match_design():
+    raw = TrainConfig()
+    assert raw.algo == "mgrpo" and raw.layer1.group_size == "auto" and raw.layer2.enabled == "auto"
+    cfg = load_config(None, [])
+    assert cfg == raw.resolved()
+    assert cfg.layer1.group_size == 8 and cfg.layer2.group_size == 4
+    assert cfg.layer2.enabled is True and cfg.layer2.selection == "all"
+    assert cfg.layer2.shaping_alpha == 0.0 and cfg.layer2.loss_weight == 1.0
+    assert cfg.layer2.guiding_phrases == PAPER_PHRASES
+    loss = cfg.loss
+    assert (loss.loss_type, loss.beta, loss.kl_estimator) == ("dapo", 0.0, "k3")
+    assert loss.drop_zero_variance_groups is True and loss.mu == 1 and loss.advantage_scale == "group"
+    assert loss.options() == LossOptions()  # the loss section reuses LossOptions' defaults
+    assert cfg.parallel.engine == "auto" and cfg.parallel.zero_stage == 2
+    assert cfg.layer2.max_new_tokens == cfg.rollout.max_new_tokens
+    assert cfg.rollout.seed == cfg.data.shuffle_seed == cfg.seed == 0
+    assert cfg.checkpoint.dir == os.path.join(cfg.logging.run_dir, "checkpoints")
+
+
+def sections(cls=TrainConfig):
+    yield cls
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if callable(f.default_factory) else None):
+            yield from sections(f.default_factory)
+
+
+@pytest.mark.parametrize("cls", list(sections()), ids=lambda c: c.__name__)
+def test_every_field_is_documented_and_sections_are_frozen_kw_only(cls):
+    for f in dataclasses.fields(cls):
+        assert f"``{f.name}``" in cls.__doc__, f"{cls.__name__}.{f.name} is not documented in the docstring"
+        assert f.kw_only
+    with pytest.raises(TypeError):
+        cls(0)  # keyword-only
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(cls(), dataclasses.fields(cls)[0].name, None)
+
+
+# --------------------------------------------------------------------------------------------
+# YAML + overrides
+# --------------------------------------------------------------------------------------------
+def test_yaml_then_overrides_precedence(tmp_path):
+    path = write(tmp_path, "seed: 3\noptim:\n  lr: 1e-5\n  total_steps: 7\nlayer2:\n  group_size: 2\n")
+    cfg = load_config(path, ["--optim.lr=3e-4", "--layer2.group_size", "6", "--optim.lr", "2e-4"])
+    assert cfg.seed == 3 and cfg.optim.total_steps == 7  # file over defaults
+    assert cfg.optim.lr == 2e-4 and cfg.layer2.group_size == 6  # overrides over file, last wins
+    assert cfg.optim.warmup_steps == 0 and cfg.layer1.group_size == 8  # untouched defaults
+    assert load_config(path, ["optim.lr=5e-5"]).optim.lr == 5e-5  # parse_cli's normalized form
+
+
+def test_override_values_are_yaml():
+    cfg = load_config(None, [
+        '--layer2.guiding_phrases=["a", "b: c"]', "--loss.delta=null", "--loss.delta=2",
+        "--rollout.stop=</s>", "--data.system_prompt=Be: brief", "--model.path=123",
+        "--optim.total_steps=1e3", "--model.dtype=bf16", "--layer2={group_size: 3, selection: 'sample: 2'}",
+        "--reward.functions={'my_mod:fn': 0.5}", "--resume",
+    ])  # fmt: skip
+    assert cfg.layer2.guiding_phrases == ("a", "b: c") and cfg.loss.delta == 2.0
+    assert cfg.rollout.stop == ("</s>",) and cfg.data.system_prompt == "Be: brief"
+    assert cfg.model.path == "123" and cfg.optim.total_steps == 1000 and cfg.model.dtype == "bfloat16"
+    assert cfg.layer2.group_size == 3 and cfg.layer2.selection == "sample:2" and cfg.layer2.selection_k == 2
+    assert cfg.layer2.shaping_alpha == 0.0  # a section mapping merges, it does not reset the section
+    assert cfg.reward.functions == {"my_mod:fn": 0.5}  # a mapping value replaces
+    assert cfg.reward.scorer_fns() == [("my_mod:fn", 0.5)]
+    assert cfg.checkpoint.resume is True
+    assert load_config(None, ["--loss.delta", "null"]).loss.delta is None
+    assert load_config(None, ["--layer1.group_size=null", "--algo=grpo"]).layer1.group_size == 40
+
+
+def test_parse_cli():
+    argv = ["-c", "x.yaml", "--a.b", "1", "--c.d=2", "--resume", "--e-f.g", "-3", "--config=y.yaml"]
+    assert parse_cli(argv) == ("y.yaml", ["a.b=1", "c.d=2", "checkpoint.resume=true", "e_f.g=-3"])
+    assert parse_cli([]) == (None, [])
+    assert "unexpected argument 'oops'" in error_of(parse_cli, ["oops"])
+
+
+def test_help_lists_the_keys(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_cli(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out and "guiding_phrases:" in out and "zero_stage: 2" in out
+
+
+def test_example_configs_load_at_equal_budget():
+    mgrpo = load_config(REPO / "configs" / "mgrpo_default.yaml")
+    grpo = load_config(REPO / "configs" / "grpo_default.yaml")
+    assert (mgrpo.algo, grpo.algo) == ("mgrpo", "grpo")
+    assert mgrpo.layer1.group_size == 8 and grpo.layer1.group_size == 40
+    assert load_config(REPO / "configs" / "mgrpo_default.yaml", ["--algo=grpo"]).layer1.group_size == 40
+    assert mgrpo.layer2.guiding_phrases == PAPER_PHRASES
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("layer2.group_size=0", "layer2.group_size: expected an integer >= 1, got 0"),
+        ("layer2.group_size=four", "layer2.group_size: expected an integer, got 'four'"),
+        ("layer1.group_size=0", "layer1.group_size: expected an integer >= 1, got 0"),
+        ("layer1.group_size=many", "layer1.group_size: expected an integer or 'auto' or null, got 'many'"),
+        ("layer2.selection=sample:0", "layer2.selection: expected 'all', 'wrong_only' or 'sample:k'"),
+        ("layer2.selection=some", "layer2.selection: expected 'all', 'wrong_only' or 'sample:k'"),
+        ("layer2.selection=sample:9", "layer2.selection: sample:9 selects more than the 8 layer-1"),
+        ("layer2.guiding_phrases=[]", "layer2.guiding_phrases: expected a non-empty list"),
+        ("layer2.guiding_phrases=['a', ' ']", "layer2.guiding_phrases[1]: expected a non-empty phrase"),
+        ("layer2.guiding_phrases=[1]", "layer2.guiding_phrases[0]: expected a string, got 1"),
+        ("layer2.shaping_alpha=-1", "layer2.shaping_alpha: expected a number >= 0, got -1.0"),
+        ("layer2.loss_weight=true", "layer2.loss_weight: expected a number, got True"),
+        ("layer2.enabled=false", "layer2.enabled: False contradicts algo: mgrpo"),
+        ("loss.loss_type=ppo", "loss.loss_type: expected one of"),
+        ("loss.epsilon_low=1.5", "loss.epsilon_low: expected a value in [0, 1)"),
+        ("loss.delta=0.5", "loss.delta: expected None or a number > 1"),
+        ("loss.kl_estimator=k4", "loss.kl_estimator: expected one of"),
+        ("loss.advantage_scale=std", "loss.advantage_scale: expected one of 'group', 'batch', 'none'"),
+        ("loss.mu=0", "loss.mu: expected an integer >= 1, got 0"),
+        ("loss.impl=cuda", "loss.impl: expected one of 'auto', 'torch', 'triton'"),
+        ("optim.lr=0", "optim.lr: expected a number > 0, got 0.0"),
+        ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+        ("optim.betas=[0.9, 1.0]", "optim.betas: expected a number >= 0 and < 1, got (0.9, 1.0)"),
+        ("optim.betas=[0.9]", "optim.betas: expected a list of 2 numbers, got [0.9]"),
+        ("optim.total_steps=2.5", "optim.total_steps: expected an integer, got 2.5"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps: expected an integer >= 0, got -1"),
+        ("optim.min_lr_ratio=2", "optim.min_lr_ratio: expected a number >= 0 and <= 1, got 2.0"),
+        ("optim.schedule=step", "optim.schedule: expected one of 'cosine', 'linear', 'constant'"),
+        ("rollout.top_p=0", "rollout.top_p: expected a number > 0 and <= 1, got 0.0"),
+        ("rollout.temperature=0", "rollout.temperature: expected a number > 0, got 0.0"),
+        ("rollout.backend=vllm", "rollout.backend: expected one of 'hf_generate', got 'vllm'"),
+        ("model.dtype=int8", "model.dtype: expected one of auto, float32, bfloat16, float16, got 'int8'"),
+        ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing: expected a boolean"),
+        ("data.format=csv", "data.format: expected one of 'auto', 'gsm8k', 'math', got 'csv'"),
+        ("data.limit=-1", "data.limit: expected an integer >= 0, got -1"),
+        ("reward.functions={'nocolon': 1}", "reward.functions.nocolon: expected 'module:function'"),
+        ("reward.timeout_s=0", "reward.timeout_s: expected a number > 0, got 0.0"),
+        ("reward.num_workers=-1", "reward.num_workers: expected an integer >= 0, got -1"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last: expected an integer >= 1, got 0"),
+        ("checkpoint.resume=''", "checkpoint.resume: expected true, false or a checkpoint path"),
+        ("logging.run_dir=runs/{foo}", "logging.run_dir: expected a non-empty path whose only"),
+        ("parallel.engine=ddp", "parallel.engine: expected one of 'auto', 'fsdp2', 'deepspeed', got 'ddp'"),
+        ("parallel.zero_stage=1", "parallel.zero_stage: expected one of 2, 3, got 1"),
+        ("algo=ppo", "algo: expected one of 'mgrpo', 'grpo', got 'ppo'"),
+        ("seed=-1", "seed: expected an integer >= 0, got -1"),
+        ("layer2=3", "layer2: expected a mapping (section layer2), got 3"),
+        ("seed.x=1", "seed: not a section, cannot set seed.x"),
+    ],
+)
+def test_bad_values_name_the_field_path(override, message):
+    text = error_of(load_config, None, [override])
+    assert text.startswith(f"command line --{override}: "), text
+    assert message in text, text
+
+
+def test_direct_construction_validates():
+    assert error_of(Layer2Config, group_size=0) == "layer2.group_size: expected an integer >= 1, got 0"
+    text = error_of(TrainConfig, layer2={"group_size": "4"})
+    assert text == "layer2.group_size: expected an integer, got '4'"
+    assert error_of(TrainConfig, algo="grpo", layer2=Layer2Config(enabled=True)).startswith("layer2.enabled:")
+    assert Layer1Config(group_size=None).group_size == "auto"
+    assert isinstance(LossConfig(epsilon_high=1).epsilon_high, float)  # ints are accepted for floats
+    assert error_of(LossConfig, epsilon_low=1) == "loss.epsilon_low: expected a value in [0, 1), got 1.0"
+
+
+def test_unknown_keys_list_the_valid_keys(tmp_path):
+    text = error_of(load_config, write(tmp_path, "optim:\n  lr: 1e-5\nlayer2:\n  grup_size: 3\n"), [])
+    path = tmp_path / "c.yaml"
+    assert text.startswith(f"{path}:4: layer2.grup_size: unknown key (did you mean 'group_size'?)")
+    assert "valid keys of layer2: enabled, group_size, selection, guiding_phrases" in text
+    text = error_of(load_config, None, ["--modle.path=x"])
+    assert text.startswith("command line --modle.path=x: modle: unknown key (did you mean 'model'?)")
+    assert "valid keys: algo, seed, model, data, rollout, layer1, layer2, reward, loss, optim" in text
+    text = error_of(load_config, None, ["--layer2.foo.bar=1"])
+    assert "layer2.foo: unknown key; valid keys of layer2:" in text
+
+
+def test_file_errors_give_file_and_line(tmp_path):
+    path = write(tmp_path, "algo: mgrpo\noptim:\n  lr: [1, 2\nlayer2: x\n")
+    assert error_of(load_config, path, []).startswith(f"{path}:4:7: invalid YAML: ")
+    path = write(tmp_path, "algo: mgrpo\nlayer2:\n  selection: all\n  group_size: 0\n")
+    assert error_of(load_config, path, []) == f"{path}:4: layer2.group_size: expected an integer >= 1, got 0"
+    path = write(tmp_path, "optim:\n  betas: [0.9, 2]\n")
+    text = error_of(load_config, path, [])
+    assert text.startswith(f"{path}:2: optim.betas: expected a number >= 0 and < 1")
+    assert "expected a mapping of sections" in error_of(load_config, write(tmp_path, "- 1\n- 2\n"), [])
+    assert load_config(write(tmp_path, "# only a comment\n"), []) == load_config(None, [])
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml", [])
+    (tmp_path / "bin.yaml").write_bytes(b"algo: \xff\n")
+    assert "not UTF-8" in error_of(load_config, tmp_path / "bin.yaml", [])
+
+
+# --------------------------------------------------------------------------------------------
+# Equal rollout budget
+# --------------------------------------------------------------------------------------------
+def test_equal_budget_rule():
+    assert equal_budget_group_size(8, 4) == 40  # G1 (1 + G2)
+    assert equal_budget_group_size(8, 4, "wrong_only") == 40  # charged at its upper bound |S| = G1
+    assert equal_budget_group_size(8, 4, "sample:2") == 16  # G1 + k G2
+    assert equal_budget_group_size(8, 4, "sample:20") == 40  # k capped at G1
+    assert equal_budget_group_size(8, 4, "all", 512, 256) == 24  # T2 = T1 / 2: half-length continuations
+    assert equal_budget_group_size(3, 2, "all", 100, 150) == 3 + 9  # ceil(3 * 2 * 1.5) = 9
+    assert "g2: expected an integer >= 1, got 0" in error_of(equal_budget_group_size, 8, 0)
+    assert parse_selection("sample: 3") == ("sample", 3) and parse_selection("all") == ("all", None)
+
+
+@pytest.mark.parametrize("selection, t1, t2", [("all", 512, None), ("sample:3", 300, 200), ("all", 7, 11)])
+def test_grpo_gets_mgrpo_rollout_budget(selection, t1, t2):
+    overrides = [
+        f"--layer2.selection={selection}",
+        f"--rollout.max_new_tokens={t1}",
+        f"--layer2.max_new_tokens={'null' if t2 is None else t2}",
+        "--layer1.mgrpo_group_size=6",
+        "--layer2.group_size=3",
+    ]
+    mgrpo, grpo = load_config(None, overrides), load_config(None, overrides + ["--algo=grpo"])
+    g1, g2, t2 = mgrpo.layer1.group_size, mgrpo.layer2.group_size, mgrpo.layer2.max_new_tokens
+    k = mgrpo.layer2.selection_k
+    selected = g1 if k is None else min(k, g1)
+    mgrpo_tokens = g1 * t1 + selected * g2 * t2  # per question, at the max_new_tokens caps
+    assert mgrpo_tokens <= grpo.layer1.group_size * t1 < mgrpo_tokens + t1
+    assert grpo.layer2.enabled is False and mgrpo.layer2.enabled is True
+    assert grpo.optim.questions_per_step == mgrpo.optim.questions_per_step
+    explicit = load_config(None, overrides + ["--algo=grpo", "--layer1.group_size=5"])
+    assert explicit.layer1.group_size == 5  # an explicit group size is used as given
+
+
+# --------------------------------------------------------------------------------------------
+# Resolved config: round-trip and atomic save
+# --------------------------------------------------------------------------------------------
+def test_resolved_is_idempotent_and_fills_placeholders():
+    overrides = ["--algo=grpo", "--seed=4", "--logging.run_dir=runs/{algo}-s{seed}", "--model.path=m"]
+    cfg = load_config(None, overrides)
+    assert cfg.logging.run_dir == "runs/grpo-s4"
+    assert cfg.checkpoint.dir == os.path.join("runs/grpo-s4", "checkpoints")
+    assert cfg.model.ref_path == cfg.model.tokenizer_path == "m" and cfg.rollout.seed == 4
+    assert cfg.resolved() == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["--algo=grpo"],
+        [
+            "--layer2.separator=\n---\n",
+            "--data.system_prompt=1e3",
+            "--rollout.stop=['yes', 'null', '#x', 'é']",
+            "--optim.lr=3.5e-7",
+            "--loss.delta=3",
+            "--checkpoint.resume=runs/x/step_2",
+            "--data.train_files=a.jsonl",
+            "--reward.functions={'a.b:c': -0.25, 'f.py:g': 1e-3}",
+            "--layer2.guiding_phrases=['Hmm: \"ok\"', ' x ']",
+        ],
+    ],
+)
+def test_round_trip(tmp_path, overrides):
+    cfg = load_config(None, overrides)
+    path = cfg.save_resolved(tmp_path / "run")
+    assert path == os.path.join(tmp_path / "run", "config.yaml")
+    assert load_config(path, []) == cfg
+    assert load_config(path, [], resolve=False) == cfg
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    if len(overrides) > 1:  # strings YAML would read as numbers, booleans or null stay strings
+        assert cfg.data.system_prompt == "1e3" and cfg.rollout.stop == ("yes", "null", "#x", "é")
+        assert cfg.layer2.separator == "\n---\n" and cfg.layer2.guiding_phrases == ('Hmm: "ok"', " x ")
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"--logging.run_dir={run}"])
+    assert cfg.save_resolved() == str(run / "config.yaml")
+    assert sorted(os.listdir(run)) == ["config.yaml"]  # no temp file left behind
+    before = (run / "config.yaml").read_text()
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        load_config(None, [f"--logging.run_dir={run}", "--seed=9"]).save_resolved()
+    assert sorted(os.listdir(run)) == ["config.yaml"] and (run / "config.yaml").read_text() == before
