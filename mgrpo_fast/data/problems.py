@@ -11,6 +11,7 @@ extractable final answer.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -273,7 +274,24 @@ def iter_problems(
     solution_field: str | None = None,
     id_field: str | None = None,
 ) -> Iterator[Problem]:
-    """Stream the problems of one file, in file order. Arguments as in :func:`load_problems`."""
+    """Stream the problems of one JSONL/Parquet file, in file order.
+
+    Args:
+        format: ``"auto"`` (from the file's first row: MATH-style if it has the question and
+            solution fields, else GSM8K-style if it has the question and answer fields), ``"gsm8k"``
+            or ``"math"``.
+        file_type: ``"auto"`` (by extension: ``.jsonl``/``.ndjson``/``.json`` = JSON lines,
+            ``.parquet``/``.pq``), ``"jsonl"`` or ``"parquet"``.
+        question_field, answer_field, solution_field, id_field: field names; defaults
+            ``question``/``answer`` (GSM8K: the answer text holds ``#### n``, a ``\\boxed{}`` or is
+            the bare number) and ``problem``/``solution``/``answer`` (MATH: a non-empty ``answer``
+            field is the final answer, else the last ``\\boxed{}`` of the solution); ids from
+            ``id``/``unique_id``/``idx``/``problem_id`` when present.
+
+    Raises:
+        DataError: a bad file, naming the file and line (see the module docstring).
+        FileNotFoundError, ImportError (Parquet without pyarrow), ValueError (bad arguments).
+    """
     path = Path(path)
     if format not in ("auto", *FORMATS):
         raise ValueError(f"format must be 'auto', 'gsm8k' or 'math', got {format!r}")
@@ -294,55 +312,40 @@ def iter_problems(
 def load_problems(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     *,
-    format: str = "auto",
-    file_type: str = "auto",
-    question_field: str | None = None,
-    answer_field: str | None = None,
-    solution_field: str | None = None,
-    id_field: str | None = None,
     dedupe: bool = False,
     shuffle_seed: int | None = None,
     limit: int | None = None,
+    **read_options: str | None,
 ) -> list[Problem]:
     """Load problems from one or more JSONL/Parquet files (concatenated in the given order).
 
     Args:
-        format: ``"auto"`` (per file, from the first row: MATH-style if it has the question and
-            solution fields, else GSM8K-style if it has the question and answer fields), ``"gsm8k"``
-            or ``"math"``.
-        file_type: ``"auto"`` (by extension: ``.jsonl``/``.ndjson``/``.json`` = JSON lines,
-            ``.parquet``/``.pq``), ``"jsonl"`` or ``"parquet"``.
-        question_field, answer_field, solution_field, id_field: field names; defaults
-            ``question``/``answer`` (GSM8K: the answer text holds ``#### n``, a ``\\boxed{}`` or is
-            the bare number) and ``problem``/``solution``/``answer`` (MATH: a non-empty ``answer``
-            field is the final answer, else the last ``\\boxed{}`` of the solution); ids from
-            ``id``/``unique_id``/``idx``/``problem_id`` when present.
         dedupe: drop problems whose whitespace-normalized question was seen before (first kept).
         shuffle_seed: shuffle with ``random.Random(shuffle_seed)`` (after dedupe); ``None``: file order.
         limit: keep the first ``limit`` problems (after dedupe and shuffle).
+        read_options: how each file is read, the keywords of :func:`iter_problems`: ``format``
+            (``"auto"`` per file, ``"gsm8k"``, ``"math"``), ``file_type``, ``question_field``,
+            ``answer_field``, ``solution_field``, ``id_field``.
 
     Raises:
         DataError: a bad file, naming the file and line (see the module docstring).
-        FileNotFoundError, ImportError (Parquet without pyarrow), ValueError (bad arguments).
+        FileNotFoundError, ImportError (Parquet without pyarrow), ValueError (bad arguments),
+        TypeError (a keyword that is not a read option).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
-    kwargs = dict(
-        format=format,
-        file_type=file_type,
-        question_field=question_field,
-        answer_field=answer_field,
-        solution_field=solution_field,
-        id_field=id_field,
-    )
+    try:  # a keyword that is no read option fails here, even with no paths
+        inspect.signature(iter_problems).bind(paths, **read_options)
+    except TypeError as exc:
+        raise TypeError(f"load_problems(): {exc}") from None
     early_stop = limit is not None and shuffle_seed is None
     out: list[Problem] = []
     seen: set[str] = set()
     dropped = 0
     for p in paths:
-        for prob in iter_problems(p, **kwargs):
+        for prob in iter_problems(p, **read_options):
             if dedupe:
                 key = " ".join(prob.question.split())
                 if key in seen:

@@ -54,6 +54,7 @@ at import; ``MGRPO_FAST_TRL_UNCHECKED=1`` skips the check.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
@@ -63,16 +64,17 @@ from typing import Any
 
 import torch
 
+from mgrpo_fast.ops.dispatch import IMPLS
 from mgrpo_fast.ops.logprobs import linear_logprobs
 from mgrpo_fast.ops.loss import fused_linear_grpo_loss, grpo_loss
-from mgrpo_fast.ops.options import LossOptions
+from mgrpo_fast.ops.options import LOSS_TYPES, LossOptions
 from mgrpo_fast.ops.validation import check_choice
 
 TRL_MIN_VERSION = (1, 10)
 TRL_MAX_VERSION = (1, 16)  # inclusive: every 1.16.x release
 SUPPORTED_TRL = ">=1.10,<1.17"
 UNCHECKED_ENV = "MGRPO_FAST_TRL_UNCHECKED"
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+SUPPORTED_LOSS_TYPES = LOSS_TYPES
 # Inputs of vision-language batches that TRL's `_compute_loss` hands to the model as they are.
 _MULTIMODAL_KEYS = (
     "pixel_values",
@@ -124,7 +126,55 @@ except ImportError:  # pragma: no cover - present in every supported release
         return nullcontext()
 
 
-__all__ = ["FusedGRPOTrainer", "SUPPORTED_TRL", "check_trl_version", "unsupported_config_fields"]
+__all__ = [
+    "FusedGRPOTrainer",
+    "SUPPORTED_TRL",
+    "check_trl_version",
+    "loss_options_of",
+    "trl_loss_options",
+    "unsupported_config_fields",
+]
+
+
+def loss_options_of(args: GRPOConfig) -> LossOptions:
+    """The ``LossOptions`` a ``GRPOConfig`` means, read as ``GRPOTrainer`` reads it (``epsilon_low =
+    epsilon``; ``epsilon_high`` defaults to ``epsilon``; see :func:`trl_loss_options`). Raises
+    ``ValueError`` naming the option where ``LossOptions`` rejects a value."""
+    epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    return trl_loss_options(
+        args.loss_type,
+        args.epsilon,
+        epsilon_high,
+        args.delta,
+        args.beta,
+        args.importance_sampling_level,
+        args.max_completion_length,
+    )
+
+
+def trl_loss_options(
+    loss_type: str,
+    epsilon_low: float,
+    epsilon_high: float,
+    delta: float | None,
+    beta: float,
+    importance_sampling_level: str,
+    max_completion_length: int | None,
+) -> LossOptions:
+    """TRL's loss settings (the ``GRPOTrainer`` attributes of the same names, ``delta`` from its args)
+    as the ``LossOptions`` that computes TRL's loss: ``cispo`` has no dual clip (TRL ignores ``delta``
+    there), ``max_completion_length`` normalizes ``dr_grpo`` only (elsewhere it is a generation
+    length), and the KL estimator is TRL's ``k3``."""
+    return LossOptions(
+        loss_type=loss_type,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        delta=None if loss_type == "cispo" else delta,
+        beta=beta,
+        kl_estimator="k3",
+        importance_sampling_level=importance_sampling_level,
+        max_completion_length=max_completion_length if loss_type == "dr_grpo" else None,
+    )
 
 
 def unsupported_config_fields(args: GRPOConfig) -> list[str]:
@@ -148,16 +198,8 @@ def unsupported_config_fields(args: GRPOConfig) -> list[str]:
             "max_completion_length=None: loss_type='dr_grpo' normalizes by B * max_completion_length"
         )
     if loss_type in SUPPORTED_LOSS_TYPES:
-        epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
         try:
-            LossOptions(
-                loss_type=loss_type,
-                epsilon_low=args.epsilon,
-                epsilon_high=epsilon_high,
-                delta=None if loss_type == "cispo" else args.delta,
-                beta=args.beta,
-                importance_sampling_level=args.importance_sampling_level,
-            )
+            loss_options_of(args)
         except ValueError as exc:  # names the option (epsilon_low = GRPOConfig.epsilon)
             problems.append(str(exc).replace("epsilon_low:", "epsilon (epsilon_low):", 1))
     return problems
@@ -272,7 +314,7 @@ class FusedGRPOTrainer(GRPOTrainer):
     def __init__(
         self, *args: Any, fused_impl: str = "auto", fused_chunk_size: int | None = None, **kwargs: Any
     ):
-        check_choice("fused_impl", fused_impl, ("auto", "torch", "triton"))
+        check_choice("fused_impl", fused_impl, IMPLS)
         if fused_chunk_size is not None and not (isinstance(fused_chunk_size, int) and fused_chunk_size > 0):
             raise ValueError(f"fused_chunk_size: expected None or a positive int, got {fused_chunk_size!r}")
         bound = inspect.signature(GRPOTrainer.__init__).bind_partial(None, *args, **kwargs).arguments
@@ -446,14 +488,15 @@ class FusedGRPOTrainer(GRPOTrainer):
             fold(inputs["importance_sampling_ratio"])
         loss_advantages = advantages if factor is None else (adv2d * factor).expand(mask.shape)
 
-        cispo = self.loss_type == "cispo"
-        options = dict(
-            loss_type=self.loss_type,
-            epsilon_low=self.epsilon_low,
-            epsilon_high=self.epsilon_high,
-            delta=None if cispo else self.args.delta,
-            importance_sampling_level=self.importance_sampling_level,
-            max_completion_length=self.max_completion_length if self.loss_type == "dr_grpo" else None,
+        # TRL's loss reads these attributes at every call (a callback may change them between steps).
+        options = trl_loss_options(
+            self.loss_type,
+            self.epsilon_low,
+            self.epsilon_high,
+            self.args.delta,
+            self.beta,
+            self.importance_sampling_level,
+            self.max_completion_length,
         )
         if not two_stage:
             loss, metrics = fused_linear_grpo_loss(
@@ -464,23 +507,22 @@ class FusedGRPOTrainer(GRPOTrainer):
                 mask,
                 old_logp=old,
                 ref_logp=ref,
-                beta=self.beta,
-                kl_estimator="k3",
-                **options,
+                options=options,
                 **head,
             )
             return loss, logp, metrics
 
+        # The policy term here, the bias-corrected KL below.
+        policy_options = dataclasses.replace(options, beta=0.0)
         loss, metrics = grpo_loss(
             logp_grad,
             old,
             None,
             loss_advantages,
             mask,
-            beta=0.0,
             entropy=entropy,
             impl=self._fused_impl,
-            **options,
+            options=policy_options,
         )
         kl = self._bias_corrected_kl(logp_grad, old, ref, mask)
         loss = loss + self.beta * self._reduce(kl, mask)

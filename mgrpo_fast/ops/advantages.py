@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mgrpo_fast.ops.dispatch import resolve_impl
+from mgrpo_fast.ops.dispatch import choose_impl
 from mgrpo_fast.ops.options import ADVANTAGE_SCALES
 from mgrpo_fast.ops.validation import (
     check_choice,
@@ -90,7 +90,7 @@ def group_advantages(
     check_finite("rewards", rewards)
     if rewards.numel() == 0:
         return rewards.to(torch.promote_types(rewards.dtype, torch.float32))
-    if resolve_impl(impl, "advantages", rewards.device) == "triton":
+    if choose_impl("group_advantages", impl, rewards.device) == "triton":
         from mgrpo_fast.kernels.advantages import triton_group_advantages
 
         return triton_group_advantages(rewards, group_index, scale, float(eps))

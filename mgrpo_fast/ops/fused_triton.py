@@ -1,4 +1,6 @@
-"""The fused lm_head + GRPO loss on the Triton kernels, at the 6·N·H·V FLOP floor.
+"""The Triton glue of the loss ops: ``grpo_loss`` on the per-token kernel, and the fused lm_head +
+GRPO loss at the 6·N·H·V FLOP floor. ``token_kernel_args`` is the one place a ``LossOptions`` becomes
+the per-token kernel's arguments.
 
 With token-level importance sampling, the loss's gradient with respect to each row's log-prob,
 ``dL/dlogp_i``, depends only on that row (its log-prob, old/ref log-probs, advantage and a
@@ -23,10 +25,26 @@ from __future__ import annotations
 
 import torch
 
+from mgrpo_fast.ops.logprobs import select_rows
+from mgrpo_fast.ops.objective import FlatBatch, loss_metrics, token_weights
 from mgrpo_fast.ops.options import LossOptions
 
+# The LossOptions fields the per-token kernel reads (see token_kernel_args).
+TOKEN_KERNEL_FIELDS = ("loss_type", "epsilon_low", "epsilon_high", "delta", "beta", "kl_estimator")
 # One fp32 z-stash of at most this many bytes (the chunk of rows is sized from it).
 STASH_BYTES = 1 << 30
+
+
+def token_kernel_args(options: LossOptions) -> dict[str, object]:
+    """The keyword arguments of the per-token kernel's launchers (``grpo_token_terms``,
+    ``triton_token_grpo_loss`` in ``mgrpo_fast.kernels.grpo_loss``) for ``options``.
+
+    The kernel layer sits below ``ops`` and takes plain scalars; this is where they come from. Two
+    fields never reach it: ``importance_sampling_level`` (the kernel is per token; ``choose_impl``
+    keeps sequence level off it) and ``max_completion_length`` (it enters the row weights,
+    ``token_weights``, which the caller computes).
+    """
+    return {name: getattr(options, name) for name in TOKEN_KERNEL_FIELDS}
 
 
 def stash_rows(vocab: int, block_m: int) -> int:
@@ -63,7 +81,7 @@ class TritonFusedLinearGRPOLoss(torch.autograd.Function):
         from mgrpo_fast.kernels.grpo_loss import grpo_token_terms
         from mgrpo_fast.kernels.linear_logprobs import apply_dlogits, dlogits, linear_logprobs_forward
 
-        o: LossOptions = options
+        kernel_args = token_kernel_args(options)
         rows, vocab = hidden.shape[0], weight.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         need_grad = need_h or need_w or need_b
@@ -91,13 +109,8 @@ class TritonFusedLinearGRPOLoss(torch.autograd.Function):
                 advantages[sl],
                 mask[sl],
                 token_weight[sl],
-                loss_type=o.loss_type,
-                epsilon_low=o.epsilon_low,
-                epsilon_high=o.epsilon_high,
-                delta=o.delta,
-                beta=o.beta,
-                kl_estimator=o.kl_estimator,
                 compute_grad=need_grad,
+                **kernel_args,
             )
             if need_grad:
                 d = dlogits(h_c, weight, bias, t_c, lse, entropy, terms["dlogp"], None, temperature, stash=z)
@@ -184,3 +197,54 @@ def triton_fused_linear_grpo_loss(
         float(temperature),
         int(chunk),
     )
+
+
+def token_loss_triton(
+    logp: torch.Tensor, batch: FlatBatch, options: LossOptions, entropy: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``grpo_loss`` on the per-token kernel: ``logp (N,)`` (differentiable), ``entropy (N,)`` or None."""
+    from mgrpo_fast.kernels.grpo_loss import triton_token_grpo_loss
+
+    f32 = lambda t: None if t is None else t.to(torch.float32)  # noqa: E731
+    loss, _, ratio, low, high, kl = triton_token_grpo_loss(
+        f32(logp),
+        f32(batch.old_logp),
+        f32(batch.ref_logp),
+        f32(batch.row_advantages()),
+        batch.mask,
+        token_weights(batch, options, torch.float32),
+        **token_kernel_args(options),
+    )
+    return loss, loss_metrics(batch.mask, ratio, low, high, kl, entropy)
+
+
+def fused_loss_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    rows: torch.Tensor,
+    batch: FlatBatch,
+    options: LossOptions,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``fused_linear_grpo_loss`` in one pass on the loss rows ``rows (M,)`` of ``batch``."""
+    hidden_rows, target_rows, _ = select_rows(hidden, weight, targets, bias, temperature, rows)
+    pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
+    mask_rows = pick(batch.mask)
+    loss, _, entropy, ratio, low, high, kl = triton_fused_linear_grpo_loss(
+        hidden_rows,
+        weight,
+        bias,
+        target_rows,
+        pick(batch.old_logp),
+        pick(batch.ref_logp),
+        pick(batch.row_advantages()),
+        mask_rows,
+        pick(token_weights(batch, options, torch.float32)),
+        options,
+        temperature,
+        chunk_size,
+    )
+    return loss, loss_metrics(mask_rows, ratio, low, high, kl, entropy)

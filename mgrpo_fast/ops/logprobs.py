@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from mgrpo_fast.kernels._common import matmul_fp32
-from mgrpo_fast.ops.dispatch import resolve_impl
+from mgrpo_fast.ops.dispatch import choose_impl
 from mgrpo_fast.ops.validation import (
     check_float,
     check_index_range,
@@ -225,18 +225,6 @@ def select_rows(
     return hidden2d, targets1d.long(), out_shape
 
 
-def use_triton(impl: str, op: str, hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``impl`` resolves to the Triton kernels for these operands.
-
-    ``auto`` keeps fp64 and mixed-dtype operands on the torch path (the GEMM kernels take
-    fp32/fp16/bf16 with one dtype); an explicit ``impl="triton"`` lets the kernel reject them.
-    """
-    choice = resolve_impl(impl, op, hidden.device)
-    if choice == "triton" and impl == "auto":
-        return hidden.dtype == weight.dtype and hidden.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    return choice == "triton"
-
-
 def linear_logprobs_with_lse(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -252,7 +240,7 @@ def linear_logprobs_with_lse(
     if chunk_size is not None:
         check_positive("chunk_size", chunk_size)
     hidden2d, targets1d, out_shape = select_rows(hidden, weight, targets, bias, temperature, row_index)
-    if use_triton(impl, "linear_logprobs", hidden, weight):
+    if choose_impl("linear_logprobs", impl, hidden.device, dtypes=(hidden.dtype, weight.dtype)) == "triton":
         from mgrpo_fast.kernels.linear_logprobs import triton_linear_logprobs
 
         logp, entropy, lse = triton_linear_logprobs(hidden2d, weight, targets1d, bias, float(temperature))

@@ -13,8 +13,6 @@ import torch
 from torch import nn
 
 from mgrpo_fast.ops.logprobs import linear_logprobs
-
-# Functional-API argument names -> the Liger forward's names, so errors name what the caller wrote.
 from mgrpo_fast.ops.loss import fused_linear_grpo_loss
 from mgrpo_fast.ops.options import LossOptions
 
@@ -169,7 +167,6 @@ class GRPOLoss(nn.Module):
                 )
                 ref_logp = ref_rows.new_zeros(selected_token_ids.numel()).index_copy(0, rows, ref_rows)
                 ref_logp = ref_logp.reshape(selected_token_ids.shape)
-        o = self.options
         try:
             loss, metrics = fused_linear_grpo_loss(
                 hidden,
@@ -181,19 +178,12 @@ class GRPOLoss(nn.Module):
                 ref_logp=ref_logp,
                 bias=bias,
                 temperature=self.temperature,
-                loss_type=o.loss_type,
-                epsilon_low=o.epsilon_low,
-                epsilon_high=o.epsilon_high,
-                delta=o.delta,
-                beta=o.beta,
-                kl_estimator=o.kl_estimator,
-                importance_sampling_level=o.importance_sampling_level,
-                max_completion_length=o.max_completion_length,
                 impl=self.impl,
+                options=self.options,
             )
         except (ValueError, TypeError) as error:
             raise _in_liger_terms(error) from error
         clip_ratio = metrics["clip_ratio/region_token_mean"]
-        if o.beta != 0.0:
+        if self.options.beta != 0.0:
             return loss, (metrics["kl"], clip_ratio)
         return loss, (clip_ratio,)

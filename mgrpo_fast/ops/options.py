@@ -6,11 +6,21 @@ formulas are in :mod:`mgrpo_fast.reference` (the executable spec) and ``docs/alg
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Mapping
+from typing import TypedDict
 
 from mgrpo_fast.ops.validation import check_choice, check_non_negative, check_positive
 
-__all__ = ["ADVANTAGE_SCALES", "IMPORTANCE_SAMPLING_LEVELS", "KL_ESTIMATORS", "LOSS_TYPES", "LossOptions"]
+__all__ = [
+    "ADVANTAGE_SCALES",
+    "IMPORTANCE_SAMPLING_LEVELS",
+    "KL_ESTIMATORS",
+    "LOSS_TYPES",
+    "LossOptionFields",
+    "LossOptions",
+    "options_from_call",
+]
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 """Reduction and surrogate of the loss (``docs/algorithm.md``)."""
@@ -20,7 +30,7 @@ ADVANTAGE_SCALES = ("group", "batch", "none")
 """What the centered rewards are divided by: the group's std, the batch's std, nothing (Dr. GRPO)."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LossOptions:
     """Options of the GRPO objective (same names and meanings as TRL's ``GRPOConfig`` and Liger).
 
@@ -62,3 +72,47 @@ class LossOptions:
             )
         if self.max_completion_length is not None:
             check_positive("max_completion_length", self.max_completion_length)
+
+
+class LossOptionFields(TypedDict, total=False):
+    """The fields of :class:`LossOptions` as keyword arguments of the functional API
+    (``grpo_loss(..., loss_type="grpo", beta=0.04)``), for static type checkers; the defaults and
+    checks are ``LossOptions``'."""
+
+    loss_type: str
+    epsilon_low: float
+    epsilon_high: float
+    delta: float | None
+    beta: float
+    kl_estimator: str
+    importance_sampling_level: str
+    max_completion_length: int | None
+
+
+def options_from_call(
+    function: str, options: LossOptions | None, fields: Mapping[str, object]
+) -> LossOptions:
+    """The one ``LossOptions`` of a call to ``function``, which takes ``options=`` and/or the fields as
+    keywords (``fields``: the keywords the caller wrote, nothing else).
+
+    * keywords only (or nothing): ``LossOptions(**fields)``, each field checked, its defaults elsewhere;
+    * ``options`` only: ``options`` itself;
+    * both: a keyword equal to the options' value is redundant and allowed; one that differs raises
+      ``ValueError`` naming it (nothing silently wins);
+    * a keyword that is no field of ``LossOptions``: ``TypeError``, as Python says for a bad keyword.
+    """
+    names = [f.name for f in dataclasses.fields(LossOptions)]
+    unknown = [name for name in fields if name not in names]
+    if unknown:
+        raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}")
+    if options is None:
+        return LossOptions(**fields)
+    if not isinstance(options, LossOptions):
+        raise TypeError(f"options: expected a LossOptions or None, got {type(options).__name__}")
+    for name, value in fields.items():
+        if value != getattr(options, name):
+            raise ValueError(
+                f"{name}: got {name}={value!r} and options.{name}={getattr(options, name)!r}; "
+                f"pass {name} in one place (the keyword or options=)"
+            )
+    return options

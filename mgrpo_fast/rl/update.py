@@ -211,7 +211,7 @@ class PackedPolicy(torch.nn.Module):
             temperature=self.temperature,
             token_weight=move(targets.token_weight),
             impl=self.impl,
-            **{k: getattr(self.options, k) for k in self.options.__dataclass_fields__},
+            options=self.options,
         )
 
 

@@ -248,6 +248,16 @@ def test_bad_paths_and_arguments(tmp_path):
         load_problems(ok, id_field="uid")
 
 
+def test_read_options_are_the_keywords_of_iter_problems(tmp_path):
+    path = write_jsonl(tmp_path / "renamed.jsonl", [{"prompt": "1 + 1?", "target": "#### 2"}])
+    options = dict(format="gsm8k", question_field="prompt", answer_field="target")
+    assert load_problems(path, **options) == list(iter_problems(path, **options))
+    # a misspelt read option fails up front, naming the function, even with no files to read
+    for paths in ([], path):
+        with pytest.raises(TypeError, match=r"load_problems\(\): .*keyword argument 'question_feild'"):
+            load_problems(paths, question_feild="prompt")
+
+
 # --------------------------------------------------------------------------------------------
 # Prompts: a tiny byte-level tokenizer built here, with and without a chat template
 # --------------------------------------------------------------------------------------------

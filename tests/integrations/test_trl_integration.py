@@ -352,3 +352,17 @@ def test_softcapped_models_rejected():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         integration._logit_scale(model)
+
+
+def test_loss_options_of_config(tmp_path):
+    """A GRPOConfig read as TRL reads it: one LossOptions, TRL-only fields mapped or dropped."""
+    LossOptions = integration.LossOptions
+    options = integration.loss_options_of(make_config(tmp_path, loss_type="grpo", beta=0.04, delta=1.5))
+    assert options == LossOptions(loss_type="grpo", epsilon_low=0.2, epsilon_high=0.28, delta=1.5, beta=0.04)
+    # epsilon_high defaults to epsilon; max_completion_length only normalizes dr_grpo
+    options = integration.loss_options_of(make_config(tmp_path, loss_type="dr_grpo", epsilon_high=None))
+    assert (options.epsilon_high, options.max_completion_length) == (0.2, 6)
+    # cispo has no dual clip: TRL ignores delta there, and so does the fused loss
+    cispo = make_config(tmp_path, loss_type="cispo", epsilon_high=5.0, delta=1.5)
+    options = integration.loss_options_of(cispo)
+    assert (options.delta, options.epsilon_high, options.max_completion_length) == (None, 5.0, None)
