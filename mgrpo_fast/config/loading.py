@@ -19,7 +19,7 @@ import yaml
 from mgrpo_fast.config.fields import ConfigError, RawOverride, YamlLoader, field_types
 from mgrpo_fast.config.sections import TrainConfig
 
-_CLI_ALIASES = {"resume": "checkpoint.resume"}
+_CLI_ALIASES = {"resume": "checkpoint.resume", "overwrite": "logging.overwrite"}
 
 
 def _key_lines(node: Any, prefix: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
@@ -70,7 +70,8 @@ def _split_args(args: Sequence[str]) -> list[tuple[str, str]]:
 def parse_cli(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     """``argv`` -> ``(config_path, ["key.sub=value", ...])`` for :func:`load_config`: ``--config PATH``
     (``-c``), ``--key.sub=value``, ``--key.sub value``, a bare ``--flag`` (= true), ``--resume``
-    (= ``checkpoint.resume``); ``-h``/``--help`` prints the keys and their defaults and exits."""
+    (= ``checkpoint.resume``), ``--overwrite`` (= ``logging.overwrite``); ``-h``/``--help`` prints the
+    keys and their defaults and exits."""
     if "-h" in argv or "--help" in argv:
         print("usage: [--config FILE.yaml] [--key.sub=value | --key.sub value ...]; keys and defaults:\n")
         print(TrainConfig().to_yaml(), end="")

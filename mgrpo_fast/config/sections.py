@@ -343,7 +343,9 @@ class CheckpointConfig(Section):
     ``dir``: null = ``{logging.run_dir}/checkpoints``; ``every``: save every K steps (0 = only at the
     end); ``keep_last``: keep the newest n (null = all); ``resume``: false = fresh run, true = the newest
     checkpoint in ``dir``, a path = that checkpoint (``--resume`` on the command line = true);
-    ``export_final``: ``save_pretrained`` the final model to ``{run_dir}/final``.
+    ``export_final``: ``save_pretrained`` the final model to ``{run_dir}/final``; ``allow_changes``:
+    config fields a resumed run may change besides the safe ones (``mgrpo_fast.rl.run_dir.SAFE_TO_CHANGE``:
+    step counts, logging, eval), dotted keys or patterns (``"loss.*"``, ``"*"`` = anything).
     """
 
     _section = "checkpoint"
@@ -352,6 +354,7 @@ class CheckpointConfig(Section):
     keep_last: int | None = setting(2, ge=1)
     resume: bool | str = False
     export_final: bool = True
+    allow_changes: tuple[str, ...] = ()
 
     def _validate(self) -> None:
         self._require("resume", self.resume != "", "true, false or a checkpoint path")
@@ -364,7 +367,9 @@ class LoggingConfig(Section):
     ``run_dir``: holds ``config.yaml``, metrics and checkpoints (``{algo}`` and ``{seed}`` are filled
     in by :meth:`TrainConfig.resolved`); ``jsonl``: ``metrics.jsonl``; ``tensorboard``: event files
     (skipped with a warning if not installed); ``wandb``: Weights & Biases, project ``wandb_project``;
-    ``log_every``: metrics every n steps; ``progress``: a progress bar.
+    ``log_every``: metrics every n steps; ``progress``: a progress bar; ``overwrite``: a fresh run
+    (no resume) in a directory holding another run's checkpoints/metrics deletes them first
+    (``--overwrite``); without it such a run is refused.
     """
 
     _section = "logging"
@@ -375,6 +380,7 @@ class LoggingConfig(Section):
     wandb_project: str = "mgrpo_fast"
     log_every: int = setting(1, ge=1)
     progress: bool = True
+    overwrite: bool = False
 
     def _validate(self) -> None:
         try:

@@ -11,6 +11,7 @@ The reward functions built on them live in :mod:`mgrpo_fast.rl.rewards`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
@@ -30,6 +31,7 @@ __all__ = [
     "extract_boxed",
     "gold_final_answer",
     "math_verify_available",
+    "math_verify_timeouts",
     "normalize_answer",
     "parse_number",
 ]
@@ -247,10 +249,27 @@ def math_verify_available() -> bool:
     return True
 
 
+_MATH_VERIFY_ALARMS = [True]  # whether math-verify may set SIGALRM itself (see math_verify_timeouts)
+
+
+@contextlib.contextmanager
+def math_verify_timeouts(enabled: bool):
+    """Within the block, math-verify may (``True``) or may not (``False``) bound its parse/verify with
+    its own ``signal.alarm`` timeouts. The in-process reward scorer switches them off while its own
+    SIGALRM timer bounds a whole reward call: the two would share the one process timer, and
+    math-verify's ``alarm(0)`` would cancel the scorer's."""
+    saved = _MATH_VERIFY_ALARMS[0]
+    _MATH_VERIFY_ALARMS[0] = enabled
+    try:
+        yield
+    finally:
+        _MATH_VERIFY_ALARMS[0] = saved
+
+
 def _math_verify_timeout() -> int | None:
     # math-verify bounds its parse/verify with signal.alarm, which only works in the main thread of
     # the main interpreter; elsewhere it raises. Off there: the scorer's process timeout bounds it.
-    if threading.current_thread() is threading.main_thread():
+    if _MATH_VERIFY_ALARMS[0] and threading.current_thread() is threading.main_thread():
         return DEFAULT_MATH_VERIFY_TIMEOUT_S
     return None
 

@@ -119,7 +119,9 @@ class LocalEngine:
 
         state = load_file(str(directory / MODEL_FILE), device=str(self.device))
         self.policy.load_state_dict(state)
-        self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location=self.device))
+        # tensors and numbers only: a crafted optimizer file cannot run code
+        state = torch.load(directory / OPTIMIZER_FILE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state)
 
     def export(self, out_dir: str | os.PathLike, tokenizer: Any) -> Path:
         out = Path(out_dir)

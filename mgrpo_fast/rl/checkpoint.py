@@ -5,21 +5,35 @@ Layout of ``checkpoint.dir``::
 
     step-00000010/            one finished checkpoint per saved step
         model.safetensors     the policy's state dict (fp32 or the training dtype)
-        optimizer.pt          AdamW state (the LR is a function of the update count)
-        trainer_state.json    step, counters, metric history length, the config's fingerprint
-        rng_rank0.pt          torch / numpy / python RNG states (CPU and CUDA), one file per rank
+        optimizer.pt          AdamW state (tensors and numbers only: loaded with weights_only=True)
+        trainer_state.json    step, counters, the config's fingerprint
+        config.yaml           the resolved config of the run that wrote it
+        rng_rank0.safetensors torch / numpy / python RNG states (CPU and CUDA), one file per rank
         dcp/                  (FSDP2) the sharded model and optimizer, torch.distributed.checkpoint
-    .tmp-step-00000020-<pid>/ a checkpoint being written (never read; removed on the next save)
+        manifest.json         every other file's size (and SHA-256 up to 64 MiB), written last
+    .tmp-step-00000020/       a checkpoint being written (never read; removed on the next save)
 
 Atomicity: everything is written into a ``.tmp-*`` directory in the same folder, every file is
 fsynced, then the directory is renamed to ``step-*`` (``os.rename`` is atomic on POSIX) and the parent
 is fsynced. A run killed at any moment leaves either the previous checkpoints, or those plus a complete
 new one; ``latest_checkpoint`` only ever returns a renamed, complete directory. Old checkpoints beyond
 ``keep_last`` are deleted only after the new one is in place.
+
+Verification: ``manifest.json`` lists the size of every file (and the SHA-256 of each file up to
+:data:`HASHED_UP_TO` bytes: the state, RNG and config files, and the whole checkpoint of small models).
+:func:`latest_checkpoint` returns the newest checkpoint that matches its manifest; a damaged one (a
+truncated or missing file, e.g. after an interrupted copy) is reported with a warning and the previous
+one is used. Nothing is unpickled: model weights are safetensors, RNG states safetensors + JSON
+metadata, the optimizer state is read with ``torch.load(weights_only=True)``.
+
+A failed save (a full disk, a file-size limit) raises :class:`CheckpointError` naming the path, the
+bytes the checkpoint needs and the bytes free; the temporary directory is removed and the previous
+checkpoints are untouched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,21 +51,33 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointError",
-    "load_run_checkpoint",
-    "save_run_checkpoint",
+    "CheckpointWriteError",
     "capture_rng_state",
     "latest_checkpoint",
     "list_checkpoints",
+    "load_rng_state",
+    "load_run_checkpoint",
     "restore_rng_state",
+    "save_rng_state",
+    "save_run_checkpoint",
+    "verify_checkpoint",
     "write_atomically",
 ]
 
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+HASHED_UP_TO = 64 * 2**20
+"""Files up to this size get a SHA-256 in the manifest; larger ones (model shards) only their size."""
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (missing files, wrong format); names the path."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint that could not be written (a full disk, a file-size limit, a read-only directory):
+    names the path, the bytes needed and the bytes free. Also an ``OSError``, as the failure was."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -71,10 +97,64 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint in ``directory``, or None."""
-    found = list_checkpoints(directory)
-    return found[-1][1] if found else None
+def latest_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -> Path | None:
+    """The newest complete checkpoint in ``directory``, or None. With ``verify`` (default), the newest
+    one that matches its manifest: a damaged newer one is skipped with a warning naming the problem."""
+    for _, path in reversed(list_checkpoints(directory)):
+        problems = verify_checkpoint(path) if verify else []
+        if not problems:
+            return path
+        logger.warning(
+            "resume: checkpoint %s is damaged (%s); using the previous one", path, "; ".join(problems[:3])
+        )
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files_of(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def write_manifest(path: Path) -> None:
+    """Record every file of checkpoint ``path`` (relative name, size, SHA-256 of the small ones)."""
+    files = {}
+    for f in _files_of(path):
+        size = f.stat().st_size
+        entry: dict[str, Any] = {"bytes": size}
+        if size <= HASHED_UP_TO:
+            entry["sha256"] = _sha256(f)
+        files[f.relative_to(path).as_posix()] = entry
+    write_json(path / MANIFEST_FILE, {"files": files})
+
+
+def verify_checkpoint(path: str | os.PathLike) -> list[str]:
+    """What is wrong with checkpoint ``path`` against its manifest (empty: it is intact). A checkpoint
+    written before manifests existed is accepted as it is."""
+    p = Path(path)
+    manifest = p / MANIFEST_FILE
+    if not manifest.is_file():
+        return []
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{manifest}: unreadable ({e})"]
+    problems = []
+    for name, entry in files.items():
+        f = p / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+        elif f.stat().st_size != entry["bytes"]:
+            problems.append(f"{name} has {f.stat().st_size} bytes, the manifest says {entry['bytes']}")
+        elif "sha256" in entry and _sha256(f) != entry["sha256"]:
+            problems.append(f"{name} does not match its SHA-256")
+    return problems
 
 
 def _fsync_dir(path: Path) -> None:
@@ -105,7 +185,7 @@ def temp_checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
 
 def rng_file(rank: int) -> str:
     """The RNG state file of ``rank`` inside a checkpoint."""
-    return f"rng_rank{rank}.pt"
+    return f"rng_rank{rank}.safetensors"
 
 
 def begin_checkpoint(directory: str | os.PathLike, step: int) -> Path:
@@ -132,6 +212,7 @@ def commit_checkpoint(
     final = d / checkpoint_name(step)
     if not (tmp / STATE_FILE).is_file():
         raise CheckpointError(f"{tmp}: the writer did not write {STATE_FILE}")
+    write_manifest(tmp)
     _fsync_tree(tmp)
     old = None
     if final.exists():
@@ -162,11 +243,38 @@ def write_atomically(
     """
     tmp = begin_checkpoint(directory, step)
     try:
-        write(tmp)
-        return commit_checkpoint(directory, step, tmp, keep_last=keep_last)
+        try:
+            write(tmp)
+            return commit_checkpoint(directory, step, tmp, keep_last=keep_last)
+        except OSError as e:
+            raise _save_failed(directory, tmp, e) from e
     except BaseException:
         abort_checkpoint(tmp)
         raise
+
+
+def _bytes_needed(directory: Path, tmp: Path) -> int:
+    """The size of the newest finished checkpoint (what the next one will take), else what the failed
+    save had written."""
+    found = list_checkpoints(directory)
+    where = found[-1][1] if found else tmp
+    return sum(f.stat().st_size for f in where.rglob("*") if f.is_file()) if where.is_dir() else 0
+
+
+def _save_failed(directory: str | os.PathLike, tmp: Path, error: BaseException) -> CheckpointWriteError:
+    """A save that failed with ``error`` (a full disk, a file-size limit, a read-only directory) as an
+    error naming the path, the bytes needed and the bytes free."""
+    d = Path(directory)
+    try:
+        free = shutil.disk_usage(d).free
+    except OSError:
+        free = -1
+    needed = _bytes_needed(d, tmp)
+    return CheckpointWriteError(
+        f"checkpoint: writing {tmp} failed ({type(error).__name__}: {error}); a checkpoint of this run needs "
+        f"about {needed:,} bytes and {d} has {free:,} bytes free. The previous checkpoints are intact; free "
+        "space (or lower checkpoint.keep_last, or point checkpoint.dir elsewhere) and resume with --resume"
+    )
 
 
 def save_run_checkpoint(
@@ -183,13 +291,19 @@ def save_run_checkpoint(
     tmp = begin_checkpoint(directory, step) if engine.is_main else temp_checkpoint_path(directory, step)
     engine.barrier()
     try:
-        engine.save(tmp)
-        torch.save(capture_rng_state(), tmp / rng_file(engine.rank))
-        engine.barrier()
-        if engine.is_main:
-            (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-            write_json(tmp / STATE_FILE, {**meta, "world_size": engine.world_size})
-            commit_checkpoint(directory, step, tmp, keep_last=keep_last)
+        try:
+            engine.save(tmp)
+            save_rng_state(tmp / rng_file(engine.rank))
+            engine.barrier()
+            if engine.is_main:
+                (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+                write_json(tmp / STATE_FILE, {**meta, "world_size": engine.world_size})
+                commit_checkpoint(directory, step, tmp, keep_last=keep_last)
+        except Exception as e:
+            # safetensors reports a full disk / file-size limit as its own error type, not OSError
+            if isinstance(e, OSError) or "too large" in str(e).lower() or "no space" in str(e).lower():
+                raise _save_failed(directory, tmp, e) from e
+            raise
     except BaseException:
         if engine.is_main:
             abort_checkpoint(tmp)
@@ -205,7 +319,7 @@ def load_run_checkpoint(path: str | os.PathLike, engine: Any) -> dict[str, Any]:
     engine.load(Path(path))
     rng = Path(path) / rng_file(engine.rank)
     if rng.is_file():
-        restore_rng_state(torch.load(rng, weights_only=False))
+        restore_rng_state(load_rng_state(rng))
     else:  # e.g. resumed on more ranks than saved: the data order and sampling seeds still match
         logger.warning("resume: %s has no RNG state for rank %d", path, engine.rank)
     return meta
@@ -240,6 +354,49 @@ def capture_rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_rng_state(path: Path, state: dict[str, Any] | None = None) -> None:
+    """Write ``state`` (default: :func:`capture_rng_state`) as data only: the torch states and numpy's
+    key array as safetensors tensors, python's state and numpy's counters as JSON metadata."""
+    from safetensors.torch import save_file
+
+    state = capture_rng_state() if state is None else state
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    tensors = {"torch": state["torch"], "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64))}
+    for i, s in enumerate(state.get("cuda", [])):
+        tensors[f"cuda.{i}"] = s.cpu()
+    version, internal, gauss_next = state["python"]
+    meta = {
+        "python": json.dumps([version, list(internal), gauss_next]),
+        "numpy": json.dumps([kind, int(pos), int(has_gauss), float(gauss)]),
+        "num_cuda": str(len(state.get("cuda", []))),
+    }
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_rng_state(path: Path) -> dict[str, Any]:
+    """Read what :func:`save_rng_state` wrote (no pickle: a crafted file cannot run code)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            version, internal, gauss_next = json.loads(meta["python"])
+            kind, pos, has_gauss, gauss = json.loads(meta["numpy"])
+            keys = f.get_tensor("numpy_keys").numpy().astype(np.uint32)
+            state = {
+                "python": (int(version), tuple(int(x) for x in internal), gauss_next),
+                "numpy": (str(kind), keys, int(pos), int(has_gauss), float(gauss)),
+                "torch": f.get_tensor("torch"),
+            }
+            n = int(meta.get("num_cuda", "0"))
+            if n:
+                state["cuda"] = [f.get_tensor(f"cuda.{i}") for i in range(n)]
+    except Exception as e:  # a damaged or foreign file: say which
+        what = f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"resume: {path}: not a readable RNG state file ({what})") from e
     return state
 
 

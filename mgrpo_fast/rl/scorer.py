@@ -17,7 +17,10 @@ a fresh worker replaces it. Workers are started with ``forkserver`` (POSIX; the 
 module, so a replacement starts in milliseconds) or ``spawn``; never plain ``fork``, which is unsafe
 in a process with CUDA or threads. Results are placed by item index, so deterministic functions give
 identical results whatever the scheduling. ``num_workers=0`` or ``timeout_s=None`` runs every call
-in-process instead (same error accounting, no timeout): for tests and tiny runs.
+in-process instead (same error accounting): for tests and tiny runs. In-process, ``timeout_s`` is
+enforced with a ``SIGALRM`` interval timer around each call (main thread only: a scorer used from
+another thread with ``num_workers=0`` and a timeout is refused); math-verify's own alarm-based
+timeouts are switched off meanwhile, since both share the one process timer.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import weakref
 from collections import deque
@@ -40,7 +44,7 @@ from typing import Any
 
 import torch
 
-from mgrpo_fast.data.answers import math_verify_available
+from mgrpo_fast.data.answers import math_verify_available, math_verify_timeouts
 from mgrpo_fast.rl.rewards import load_reward_function, reward_file_path
 
 logger = logging.getLogger(__name__)
@@ -52,6 +56,31 @@ __all__ = ["RewardScorer", "RewardWorkerError", "ScoreResult"]
 # Scoring one call (shared by the in-process path and the workers)
 # ------------------------------------------------------------------------------------------------
 _OK, _ERROR, _NONFINITE, _TIMEOUT = 0, 1, 2, 3
+
+
+class _CallTimedOut(BaseException):
+    """Raised by the in-process alarm; a BaseException so that a reward's ``except Exception`` cannot
+    swallow it."""
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise _CallTimedOut
+
+
+def _call_with_alarm(fn: Callable, completion: str, answer: str, meta: dict, timeout_s: float):
+    """:func:`_call_one` bounded by a ``SIGALRM`` interval timer (main thread only)."""
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        with math_verify_timeouts(False):
+            try:
+                signal.setitimer(signal.ITIMER_REAL, timeout_s)
+                return _call_one(fn, completion, answer, meta)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+    except _CallTimedOut:
+        return _TIMEOUT, 0.0, f"timed out after {timeout_s:g} s (in-process)"
+    finally:
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _call_one(fn: Callable, completion: str, answer: str, meta: dict) -> tuple[int, float, str]:
@@ -211,6 +240,15 @@ class _RateLimitedWarnings:
             self._last[key] = (last, suppressed + 1)
 
 
+def _require_main_thread() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(
+            "RewardScorer: num_workers=0 with a timeout_s bounds each reward call with SIGALRM, which "
+            "only the main thread can use; set reward.num_workers >= 1 (worker processes) or "
+            "reward.timeout_s: null"
+        )
+
+
 def _fn_name(fn: Any) -> str:
     if isinstance(fn, str):
         return fn.rpartition(":")[2].split(".")[-1]
@@ -308,9 +346,7 @@ class RewardScorer:
         self.chunk_size = chunk_size
         self.in_process = num_workers == 0 or timeout_s is None
         if num_workers == 0 and timeout_s is not None:
-            logger.warning(
-                "RewardScorer: num_workers=0 runs rewards in-process; timeout_s=%s is not enforced", timeout_s
-            )
+            _require_main_thread()
         self._warn = _RateLimitedWarnings(warn_interval_s)
         self._workers: list[_Worker] = []
         self._closed = False
@@ -395,9 +431,13 @@ class RewardScorer:
         values = [[0.0] * nf for _ in range(n)]
         if n:
             if self.in_process:
+                bounded = self.timeout_s is not None
+                if bounded:
+                    _require_main_thread()
                 for i in range(n):
                     for k, fn in enumerate(self._fns):
-                        st, v, msg = _call_one(fn, completions[i], answers[i], metas[i])
+                        args = (fn, completions[i], answers[i], metas[i])
+                        st, v, msg = _call_with_alarm(*args, self.timeout_s) if bounded else _call_one(*args)
                         self._record(status, values, i, k, st, v, msg)
             else:
                 self._score_pool(completions, answers, metas, status, values)

@@ -49,8 +49,10 @@ from mgrpo_fast.rl.checkpoint import latest_checkpoint, load_run_checkpoint, sav
 from mgrpo_fast.rl.evaluate import TwoPassResult, summarize_two_pass, two_pass_correctness
 from mgrpo_fast.rl.rollout.base import SamplingParams
 from mgrpo_fast.rl.rollout.hf import HFGenerateBackend
+from mgrpo_fast.rl.run_dir import check_checkpoint_config, own_run_directory
 from mgrpo_fast.rl.run_log import MetricsWriter, Progress, combine_rank_metrics
 from mgrpo_fast.rl.scorer import RewardScorer
+from mgrpo_fast.rl.signals import GracefulStop
 from mgrpo_fast.rl.update import MetricSums, PackedPolicy, global_sequence_weights, microbatch_targets
 
 logger = logging.getLogger(__name__)
@@ -124,6 +126,7 @@ class MGRPOTrainer:
         self.updates = 0  # optimizer updates attempted (μ per step)
         self.nonfinite_in_a_row = 0
         self.run_dir = Path(cfg.logging.run_dir)
+        self.stopped_early = False  # a signal stopped train() before total_steps (checkpoint written)
         self.is_main = self.engine.is_main
 
     # ------------------------------------------------------------------ set-up
@@ -433,6 +436,7 @@ class MGRPOTrainer:
         if path is None:
             logger.warning("resume: no checkpoint in %s; starting from step 0", self.config.checkpoint.dir)
             return None
+        check_checkpoint_config(Path(path), self.config)
         self.load_state_dict(load_run_checkpoint(path, self.engine))
         logger.info("resumed from %s at step %d", path, self.step)
         return Path(path)
@@ -444,6 +448,18 @@ class MGRPOTrainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
         """Run (or resume) to ``optim.total_steps``; checkpoints, metrics, eval and the final export."""
+        cfg = self.config
+        owned = own_run_directory(
+            self.engine,
+            self.run_dir,
+            cfg.checkpoint.dir,
+            resume=bool(cfg.checkpoint.resume),
+            overwrite=cfg.logging.overwrite,
+        )
+        with owned, GracefulStop() as stop:
+            return self._train(stop)
+
+    def _train(self, stop: GracefulStop) -> dict[str, float]:
         cfg = self.config
         resumed = self.resume(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
         if self.is_main:
@@ -467,15 +483,30 @@ class MGRPOTrainer:
             if cfg.eval.at_start and self.step == 0:
                 self._log(writer, 0, self.evaluate().as_metrics())
             while self.step < cfg.optim.total_steps:
-                last = self.train_step()
+                try:
+                    last = self.train_step()
+                except NonFiniteLossError:
+                    self.save_checkpoint()  # the last good state: skipped updates changed nothing
+                    raise
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     last.update(self.evaluate().as_metrics())
                 if self.step % cfg.logging.log_every == 0 or self.step == cfg.optim.total_steps:
                     self._log(writer, self.step, last)
                 bar.update(last)
+                stopping = self.engine.all_reduce([float(stop.requested)], "max")[0] > 0
                 every = cfg.checkpoint.every
-                if (every and self.step % every == 0) or self.step == cfg.optim.total_steps:
+                if (every and self.step % every == 0) or self.step == cfg.optim.total_steps or stopping:
                     self.save_checkpoint()
+                if stopping:
+                    logger.warning(
+                        "stopped by a signal after step %d of %d; the checkpoint is in %s: run the same "
+                        "command with --resume to continue",
+                        self.step,
+                        cfg.optim.total_steps,
+                        cfg.checkpoint.dir,
+                    )
+                    self.stopped_early = True
+                    return last
             if cfg.eval.at_end and not (cfg.eval.every and self.step % cfg.eval.every == 0):
                 final = self.evaluate().as_metrics()
                 last.update(final)
