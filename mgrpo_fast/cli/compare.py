@@ -71,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = load_config(
                 args.config,
                 [
+                    "--logging.overwrite=true",  # every comparison starts its runs afresh
                     *overrides,
                     f"--algo={algo}",
                     f"--seed={seed}",

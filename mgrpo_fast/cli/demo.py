@@ -46,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     path, overrides = parse_cli(argv)
+    # The demo is rerun often: a fresh demo replaces the previous one in its run directory (a resumed
+    # one continues it); --logging.overwrite=false restores the trainer's refusal.
+    overrides = ["logging.overwrite=true", *overrides]
     try:
         cfg = load_config(path or DEFAULT_CONFIG, overrides)
     except (ConfigError, FileNotFoundError) as e:
