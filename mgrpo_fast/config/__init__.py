@@ -7,6 +7,6 @@
 
 from mgrpo_fast.config.fields import ConfigError
 from mgrpo_fast.config.loading import load_config, parse_cli
-from mgrpo_fast.config.sections import TrainConfig
+from mgrpo_fast.config.run import TrainConfig
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "parse_cli"]
