@@ -21,7 +21,6 @@ from typing import Any
 
 import yaml
 
-from mgrpo_fast.config.describe import help_text
 from mgrpo_fast.config.fields import ConfigError, RawOverride, YamlLoader, field_types
 from mgrpo_fast.config.run import TrainConfig
 
@@ -117,6 +116,9 @@ def parse_cli(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     (``-c``), ``--key.sub=value``, ``--key.sub value``, a bare ``--flag`` (= true), ``--resume``
     (= ``checkpoint.resume``); ``-h``/``--help`` prints the keys and their defaults and exits."""
     if "-h" in argv or "--help" in argv:
+        # imported here so that `python -m mgrpo_fast.config.describe` runs a module not yet imported
+        from mgrpo_fast.config.describe import help_text
+
         print(help_text(), end="")
         raise SystemExit(0)
     pairs = _split_args(["--config" if a == "-c" else a for a in argv])
