@@ -174,8 +174,6 @@ def type_label(tp: Any) -> str:
         return "[" + ", ".join(type_label(a) for a in args) + "]"
     if origin is dict:
         return f"{{{type_label(args[0])}: {type_label(args[1])}}}"
-    if dataclasses.is_dataclass(tp):
-        return "section"
     return "null" if tp is type(None) else tp.__name__
 
 

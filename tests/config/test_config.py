@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mgrpo_fast.config.fields import ConfigError, field_doc
+from mgrpo_fast.config.fields import ConfigError, field_doc, setting
 from mgrpo_fast.config.loading import MOVED_KEYS, load_config, parse_cli
 from mgrpo_fast.config.run import TrainConfig, equal_budget_group_size
 from mgrpo_fast.config.sections import Layer1Config, Layer2Config, LossConfig, parse_selection
@@ -77,6 +77,16 @@ def test_every_field_is_documented_and_sections_are_frozen_kw_only(cls):
         cls(0)  # keyword-only
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(cls(), dataclasses.fields(cls)[0].name, None)
+
+
+def test_a_field_cannot_be_declared_without_its_doc():
+    with pytest.raises(TypeError, match="doc"):
+        setting(1)
+    with pytest.raises(TypeError, match="doc must be a non-empty string"):
+        setting(1, doc="  ")
+    with pytest.raises(TypeError, match="unknown bound"):
+        setting(1, doc="x", gte=0)
+    assert field_doc(dataclasses.fields(Layer2Config)[1]).startswith("G2: continuations")
 
 
 # --------------------------------------------------------------------------------------------
