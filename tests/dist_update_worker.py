@@ -46,7 +46,7 @@ def main(model_dir: str, out_dir: str, engine: str, *overrides: str) -> None:
             "--reward.num_workers=0",
             "--optim.lr=1e-2",
             "--optim.eps=1e-3",
-            "--optim.max_tokens_per_microbatch=40",
+            "--train.max_tokens_per_microbatch=40",
             *overrides,
         ],
     )

@@ -4,7 +4,7 @@ the starting checkpoint's row.
 
 Both algorithms use ``configs/demo.yaml`` with ``layer1.group_size: auto``: MGRPO samples G1 answers
 and G2 continuations of each selected answer; GRPO gets ``G1' = G1 + ceil(|S|·G2·T2/T1)`` answers per
-question instead (``mgrpo_fast.config``), the same completion-token budget per question, and the
+question instead (``mgrpo_fast.config.run``), the same completion-token budget per question, and the
 same questions, steps and optimizer.
 
     python -m mgrpo_fast.compare [--seeds 0 1 2] [--out runs/compare] [--key.sub=value ...]

@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = trainer.config
     print(
         f"mgrpo demo: {cfg.algo} on {len(trainer.train_problems)} bundled problems, "
-        f"{cfg.optim.total_steps} steps x {cfg.optim.questions_per_step} questions, "
+        f"{cfg.train.total_steps} steps x {cfg.train.questions_per_step} questions, "
         f"G1={cfg.layer1.group_size} G2={cfg.layer2.group_size}; run dir {cfg.logging.run_dir}"
     )
     trainer.train()

@@ -122,6 +122,9 @@ def from_dict(cls: type, data: Any, path: str) -> Any:
     for key in data:
         if key not in names:
             full = f"{path}.{key}" if path else str(key)
+            moved = getattr(cls, "_moved", {}).get(key)
+            if moved is not None:
+                raise ConfigError(f"{full}: this key has moved to {moved}; set {moved} instead", full)
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             where = f" of {path}" if path else ""
@@ -138,16 +141,55 @@ def to_plain(value: Any) -> Any:
     return {k: to_plain(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
-def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
-       choices: Sequence | None = None, **bounds: float) -> Any:  # fmt: skip
-    """A field with its checks: ``choices`` and bounds ``ge/gt/le/lt`` (null and ``auto`` skip them)."""
-    return field(default=default, default_factory=factory, metadata={"choices": choices, "bounds": bounds})
+def setting(default: Any = dataclasses.MISSING, *, doc: str, factory: Any = dataclasses.MISSING,
+            choices: Sequence | None = None, **bounds: float) -> Any:  # fmt: skip
+    """A documented field with its checks. ``doc``: one line saying what the field means and what its
+    special values do (``--help`` and docs/training.md show it); ``choices`` and bounds ``ge/gt/le/lt``
+    are checked on load (null and ``auto`` skip them)."""
+    if not isinstance(doc, str) or not doc.strip():
+        raise TypeError("setting: doc must be a non-empty string (the field's one-line documentation)")
+    unknown = set(bounds) - set(_BOUNDS)
+    if unknown:
+        raise TypeError(f"setting: unknown bound(s) {sorted(unknown)}; expected ge, gt, le, lt")
+    metadata = {"doc": " ".join(doc.split()), "choices": choices, "bounds": bounds}
+    return field(default=default, default_factory=factory, metadata=metadata)
+
+
+def field_doc(f: dataclasses.Field) -> str:
+    """The one-line documentation given to :func:`setting` (empty for a field declared without it)."""
+    return f.metadata.get("doc", "")
+
+
+def type_label(tp: Any) -> str:
+    """A short name of an annotation, as YAML users write values: ``int | 'auto' | null``,
+    ``list[str]``, ``[float, float]``, ``{str: float}``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_label(a) for a in args)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is tuple:
+        if args[-1] is Ellipsis:
+            return f"list[{type_label(args[0])}]"
+        return "[" + ", ".join(type_label(a) for a in args) + "]"
+    if origin is dict:
+        return f"{{{type_label(args[0])}: {type_label(args[1])}}}"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def allowed_label(f: dataclasses.Field) -> str:
+    """The checks of a :func:`setting` in words: ``cosine, linear, constant`` or ``>= 0, < 1``."""
+    choices, bounds = f.metadata.get("choices"), f.metadata.get("bounds", {})
+    parts = [", ".join(str(c) for c in choices)] if choices is not None else []
+    parts += [f"{_BOUNDS[op][1]} {b}" for op, b in bounds.items()]
+    return ", ".join(parts)
 
 
 class Section:
     """Base of the sections: converts each field to its annotation, checks it, then ``_validate()``."""
 
     _section = ""  # dotted path of the section in TrainConfig
+    _moved: typing.ClassVar[dict[str, str]] = {}  # former keys of this section -> their new dotted path
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -2,12 +2,17 @@
 
 Errors name where a bad value came from (``file.yaml:LINE`` or ``command line --key=value``) and
 the dotted field path; unknown keys get a "did you mean" and the valid keys of their section.
-``python -m mgrpo_fast.config.loading [--config F] [--k=v ...]`` prints the resolved config.
+``python -m mgrpo_fast.config [--config F] [--k=v ...]`` prints the resolved config.
+
+Keys that moved to another section (:data:`MOVED_KEYS`: ``optim.total_steps`` is now
+``train.total_steps``, ...) are still read from files and overrides under their old name, with a
+one-line warning naming the new key; a file that sets both the old and the new key is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -17,9 +22,48 @@ from typing import Any
 import yaml
 
 from mgrpo_fast.config.fields import ConfigError, RawOverride, YamlLoader, field_types
-from mgrpo_fast.config.sections import TrainConfig
+from mgrpo_fast.config.run import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 _CLI_ALIASES = {"resume": "checkpoint.resume", "overwrite": "logging.overwrite"}
+MOVED_KEYS: dict[str, str] = {
+    f"{f.name}.{old}": new
+    for f in dataclasses.fields(TrainConfig)
+    for old, new in getattr(field_types(TrainConfig)[f.name], "_moved", {}).items()
+}
+"""Former dotted key -> its current one (``"optim.total_steps": "train.total_steps"``)."""
+
+
+def moved_key(dotted: str, where: str) -> str:
+    """The current name of ``dotted``: itself, or for a key that moved its new name, with a one-line
+    warning naming ``where`` it was written and the key to use."""
+    new = MOVED_KEYS.get(dotted)
+    if new is None:
+        return dotted
+    logger.warning(
+        "%s: %s has moved to %s; please use that (the old key still works for now)", where, dotted, new
+    )
+    return new
+
+
+def move_renamed_keys(data: dict[str, Any], lines: dict[str, int], path: str) -> None:
+    """Rename the moved keys of a YAML file's ``data`` in place (their ``lines`` follow them)."""
+    for old, new in MOVED_KEYS.items():
+        (section, key), (new_section, new_key) = old.split("."), new.split(".")
+        if not isinstance(data.get(section), dict) or key not in data[section]:
+            continue
+        if data.get(new_section) is None:
+            data[new_section] = {}
+        if not isinstance(data[new_section], dict):
+            continue  # the section itself is wrong; TrainConfig.from_dict says so
+        where = f"{path}:{lines[old]}" if old in lines else path
+        if new_key in data[new_section]:
+            raise ConfigError(f"{where}: {old} and {new} are both set; keep only {new}", new)
+        moved_key(old, where)  # the warning
+        data[new_section][new_key] = data[section].pop(key)
+        if old in lines:
+            lines[new] = lines[old]
 
 
 def _key_lines(node: Any, prefix: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
@@ -73,8 +117,10 @@ def parse_cli(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     (= ``checkpoint.resume``), ``--overwrite`` (= ``logging.overwrite``); ``-h``/``--help`` prints the
     keys and their defaults and exits."""
     if "-h" in argv or "--help" in argv:
-        print("usage: [--config FILE.yaml] [--key.sub=value | --key.sub value ...]; keys and defaults:\n")
-        print(TrainConfig().to_yaml(), end="")
+        # imported here so that `python -m mgrpo_fast.config.describe` runs a module not yet imported
+        from mgrpo_fast.config.describe import help_text
+
+        print(help_text(), end="")
         raise SystemExit(0)
     pairs = _split_args(["--config" if a == "-c" else a for a in argv])
     config = next((v for k, v in reversed(pairs) if k == "config"), None)
@@ -110,7 +156,7 @@ def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
     if isinstance(parsed, dict) and dataclasses.is_dataclass(_field_type(dotted)):
         for key, sub in parsed.items():
             node.setdefault(last, {})
-            _set(node, f"{last}.{key}", sub)
+            _set(node, moved_key(f"{last}.{key}", "command line"), sub)
     else:
         node[last] = value
 
@@ -128,18 +174,21 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), *
         raise TypeError("load_config: overrides must be a list of strings, not a string")
     path = None if path is None else os.fspath(path)
     data, lines = _read_yaml(path) if path is not None else ({}, {})
+    if path is not None:
+        move_renamed_keys(data, lines, path)
     pairs = _split_args(list(overrides))
     if any(key == "config" for key, _ in pairs):
         raise ConfigError("overrides: --config is not an override; pass the file as load_config's path")
     try:
         for key, raw in pairs:
-            _set(data, key, _parse_value(raw))
+            _set(data, moved_key(key, "command line"), _parse_value(raw))
         cfg = TrainConfig.from_dict(data)
         return cfg.resolved() if resolve else cfg
     except ConfigError as e:
         where = e.path or ""
         for key, raw in reversed(pairs):
-            if where and (_within(where, key) or _within(key, where)):
+            target = MOVED_KEYS.get(key, key)
+            if where and (_within(where, target) or _within(target, where)):
                 raise ConfigError(f"command line --{key}={raw}: {e}", e.path) from None
         if path is None:
             raise

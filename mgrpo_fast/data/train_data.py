@@ -5,7 +5,7 @@
 clone trains with nothing downloaded.
 
 Data order is a pure function of the step: step ``k`` (1-based) takes the problems at stream positions
-``[(k-1)·Q, k·Q)`` where ``Q = optim.questions_per_step`` and the stream is epoch after epoch of the
+``[(k-1)·Q, k·Q)`` where ``Q = train.questions_per_step`` and the stream is epoch after epoch of the
 training set, epoch ``e`` shuffled with ``random.Random(shuffle_seed + e)`` (or in file order). A run
 resumed at step ``k`` therefore sees exactly the questions the uninterrupted run saw, with no sampler
 state in the checkpoint. Under ``torchrun`` rank ``r`` of ``W`` takes questions ``r, r+W, ...`` of the

@@ -31,7 +31,8 @@ from typing import Any
 
 import yaml
 
-from mgrpo_fast.config.sections import TrainConfig
+from mgrpo_fast.config.loading import move_renamed_keys
+from mgrpo_fast.config.run import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ LOCK_FILE = ".lock"
 
 SAFE_TO_CHANGE = (
     "train.total_steps",
-    "optim.total_steps",
     "checkpoint.every",
     "checkpoint.keep_last",
     "checkpoint.resume",
@@ -231,6 +231,7 @@ def check_checkpoint_config(checkpoint: Path, config: TrainConfig) -> None:
         return
     saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
     try:  # through the loader, so keys renamed since the checkpoint was written compare as the new ones
+        move_renamed_keys(saved, {}, str(saved_file))
         saved = TrainConfig.from_dict(saved).resolved().to_dict()
     except ValueError:
         pass

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mgrpo_fast.config.sections import TrainConfig
+from mgrpo_fast.config.run import TrainConfig
 from mgrpo_fast.data.problems import Problem
 from mgrpo_fast.data.train_data import (
     QuestionOrder,
@@ -118,7 +118,7 @@ class MGRPOTrainer:
         self._eval_problems = eval_problems
         self.order = QuestionOrder(
             len(self.train_problems),
-            cfg.optim.questions_per_step,
+            cfg.train.questions_per_step,
             shuffle=cfg.data.shuffle,
             seed=cfg.data.shuffle_seed,
         )
@@ -261,9 +261,9 @@ class MGRPOTrainer:
             return [], weights
         plan = plan_microbatches(
             batch.sequences,
-            max_tokens_per_microbatch=cfg.optim.max_tokens_per_microbatch,
+            max_tokens_per_microbatch=cfg.train.max_tokens_per_microbatch,
             world_size=self.engine.world_size,
-            balance=cfg.optim.packing_balance,
+            balance=cfg.train.packing_balance,
             max_model_len=getattr(self.policy.config, "max_position_embeddings", None),
         )
         return plan.microbatches_for(self.engine.rank, batch.sequences), weights
@@ -293,12 +293,12 @@ class MGRPOTrainer:
     def optimizer_step(self, loss: float) -> dict[str, float]:
         """Clip, step AdamW at the scheduled LR and clear the gradients; an update whose loss or global
         gradient norm is NaN/Inf is skipped (the same decision on every rank)."""
-        o = self.config.optim
+        o, t = self.config.optim, self.config.train
         mu = self.config.loss.mu
         lr = lr_at(
             self.updates,
             peak=o.lr,
-            total=o.total_steps * mu,
+            total=t.total_steps * mu,
             warmup=o.warmup_steps * mu,
             schedule=o.schedule,
             min_ratio=o.min_lr_ratio,
@@ -320,10 +320,10 @@ class MGRPOTrainer:
                 loss,
                 norm,
             )
-            if self.nonfinite_in_a_row >= o.max_nonfinite_updates:
+            if self.nonfinite_in_a_row >= t.max_nonfinite_updates:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_in_a_row} updates in a row had a NaN/Inf loss or gradient norm "
-                    f"(optim.max_nonfinite_updates={o.max_nonfinite_updates}); stopping at step "
+                    f"(train.max_nonfinite_updates={t.max_nonfinite_updates}); stopping at step "
                     f"{self.step + 1}. Lower optim.lr, check the data, or resume from the last checkpoint"
                 )
             self.engine.skip_update()
@@ -447,7 +447,7 @@ class MGRPOTrainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
-        """Run (or resume) to ``optim.total_steps``; checkpoints, metrics, eval and the final export."""
+        """Run (or resume) to ``train.total_steps``; checkpoints, metrics, eval and the final export."""
         cfg = self.config
         owned = own_run_directory(
             self.engine,
@@ -477,12 +477,12 @@ class MGRPOTrainer:
             if self.is_main
             else None
         )
-        bar = Progress(cfg.optim.total_steps, self.step, cfg.logging.progress and self.is_main)
+        bar = Progress(cfg.train.total_steps, self.step, cfg.logging.progress and self.is_main)
         last: dict[str, float] = {}
         try:
             if cfg.eval.at_start and self.step == 0:
                 self._log(writer, 0, self.evaluate().as_metrics())
-            while self.step < cfg.optim.total_steps:
+            while self.step < cfg.train.total_steps:
                 try:
                     last = self.train_step()
                 except NonFiniteLossError:
@@ -490,19 +490,19 @@ class MGRPOTrainer:
                     raise
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     last.update(self.evaluate().as_metrics())
-                if self.step % cfg.logging.log_every == 0 or self.step == cfg.optim.total_steps:
+                if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.total_steps:
                     self._log(writer, self.step, last)
                 bar.update(last)
                 stopping = self.engine.all_reduce([float(stop.requested)], "max")[0] > 0
                 every = cfg.checkpoint.every
-                if (every and self.step % every == 0) or self.step == cfg.optim.total_steps or stopping:
+                if (every and self.step % every == 0) or self.step == cfg.train.total_steps or stopping:
                     self.save_checkpoint()
                 if stopping:
                     logger.warning(
                         "stopped by a signal after step %d of %d; the checkpoint is in %s: run the same "
                         "command with --resume to continue",
                         self.step,
-                        cfg.optim.total_steps,
+                        cfg.train.total_steps,
                         cfg.checkpoint.dir,
                     )
                     self.stopped_early = True

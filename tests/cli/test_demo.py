@@ -12,8 +12,8 @@ from mgrpo_fast.cli.demo import DEFAULT_CONFIG, main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = [
-    "--optim.total_steps=2",
-    "--optim.questions_per_step=4",
+    "--train.total_steps=2",
+    "--train.questions_per_step=4",
     "--eval.num_problems=16",
     "--eval.every=0",
     "--rollout.max_new_tokens=48",

@@ -9,16 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from mgrpo_fast.config.fields import ConfigError
-from mgrpo_fast.config.loading import load_config, parse_cli
-from mgrpo_fast.config.sections import (
-    Layer1Config,
-    Layer2Config,
-    LossConfig,
-    TrainConfig,
-    equal_budget_group_size,
-    parse_selection,
-)
+from mgrpo_fast.config.fields import ConfigError, field_doc, setting
+from mgrpo_fast.config.loading import MOVED_KEYS, load_config, parse_cli
+from mgrpo_fast.config.run import TrainConfig, equal_budget_group_size
+from mgrpo_fast.config.sections import Layer1Config, Layer2Config, LossConfig, parse_selection
 from mgrpo_fast.ops.options import LossOptions
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,8 +68,10 @@ def sections(cls=TrainConfig):
 
 @pytest.mark.parametrize("cls", list(sections()), ids=lambda c: c.__name__)
 def test_every_field_is_documented_and_sections_are_frozen_kw_only(cls):
+    assert cls.__doc__ and cls.__doc__.strip()
     for f in dataclasses.fields(cls):
-        assert f"``{f.name}``" in cls.__doc__, f"{cls.__name__}.{f.name} is not documented in the docstring"
+        doc = field_doc(f)
+        assert doc and "\n" not in doc, f"{cls.__name__}.{f.name} has no one-line doc= in its setting(...)"
         assert f.kw_only
     with pytest.raises(TypeError):
         cls(0)  # keyword-only
@@ -83,13 +79,25 @@ def test_every_field_is_documented_and_sections_are_frozen_kw_only(cls):
         setattr(cls(), dataclasses.fields(cls)[0].name, None)
 
 
+def test_a_field_cannot_be_declared_without_its_doc():
+    with pytest.raises(TypeError, match="doc"):
+        setting(1)
+    with pytest.raises(TypeError, match="doc must be a non-empty string"):
+        setting(1, doc="  ")
+    with pytest.raises(TypeError, match="unknown bound"):
+        setting(1, doc="x", gte=0)
+    assert field_doc(dataclasses.fields(Layer2Config)[1]).startswith("G2: continuations")
+
+
 # --------------------------------------------------------------------------------------------
 # YAML + overrides
 # --------------------------------------------------------------------------------------------
 def test_yaml_then_overrides_precedence(tmp_path):
-    path = write(tmp_path, "seed: 3\noptim:\n  lr: 1e-5\n  total_steps: 7\nlayer2:\n  group_size: 2\n")
+    path = write(
+        tmp_path, "seed: 3\noptim:\n  lr: 1e-5\ntrain:\n  total_steps: 7\nlayer2:\n  group_size: 2\n"
+    )
     cfg = load_config(path, ["--optim.lr=3e-4", "--layer2.group_size", "6", "--optim.lr", "2e-4"])
-    assert cfg.seed == 3 and cfg.optim.total_steps == 7  # file over defaults
+    assert cfg.seed == 3 and cfg.train.total_steps == 7  # file over defaults
     assert cfg.optim.lr == 2e-4 and cfg.layer2.group_size == 6  # overrides over file, last wins
     assert cfg.optim.warmup_steps == 0 and cfg.layer1.group_size == 8  # untouched defaults
     assert load_config(path, ["optim.lr=5e-5"]).optim.lr == 5e-5  # parse_cli's normalized form
@@ -99,12 +107,12 @@ def test_override_values_are_yaml():
     cfg = load_config(None, [
         '--layer2.guiding_phrases=["a", "b: c"]', "--loss.delta=null", "--loss.delta=2",
         "--rollout.stop=</s>", "--data.system_prompt=Be: brief", "--model.path=123",
-        "--optim.total_steps=1e3", "--model.dtype=bf16", "--layer2={group_size: 3, selection: 'sample: 2'}",
+        "--train.total_steps=1e3", "--model.dtype=bf16", "--layer2={group_size: 3, selection: 'sample: 2'}",
         "--reward.functions={'my_mod:fn': 0.5}", "--resume",
     ])  # fmt: skip
     assert cfg.layer2.guiding_phrases == ("a", "b: c") and cfg.loss.delta == 2.0
     assert cfg.rollout.stop == ("</s>",) and cfg.data.system_prompt == "Be: brief"
-    assert cfg.model.path == "123" and cfg.optim.total_steps == 1000 and cfg.model.dtype == "bfloat16"
+    assert cfg.model.path == "123" and cfg.train.total_steps == 1000 and cfg.model.dtype == "bfloat16"
     assert cfg.layer2.group_size == 3 and cfg.layer2.selection == "sample:2" and cfg.layer2.selection_k == 2
     assert cfg.layer2.shaping_alpha == 0.0  # a section mapping merges, it does not reset the section
     assert cfg.reward.functions == {"my_mod:fn": 0.5}  # a mapping value replaces
@@ -121,12 +129,22 @@ def test_parse_cli():
     assert "unexpected argument 'oops'" in error_of(parse_cli, ["oops"])
 
 
-def test_help_lists_the_keys(capsys):
+def test_help_lists_every_key_with_type_default_allowed_values_and_doc(capsys):
     with pytest.raises(SystemExit) as info:
-        parse_cli(["--help"])
+        parse_cli(["--model.path=x", "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert "usage:" in out and "guiding_phrases:" in out and "zero_stage: 2" in out
+    assert out.startswith("usage:")
+    assert "  optim.lr: float = 1.0e-06  [> 0]\n      AdamW peak learning rate.\n" in out
+    assert "  parallel.zero_stage: int = 2  [2, 3]\n" in out
+    assert "  layer1.group_size: int | 'auto' | null = auto  [>= 1]\n" in out
+    assert "  train.packing_balance: str = attention  [attention, tokens]\n" in out
+    for cls in sections():
+        for f in dataclasses.fields(cls):
+            key = f.name if cls is TrainConfig else f"{cls._section}.{f.name}"
+            if not dataclasses.is_dataclass(f.default_factory if callable(f.default_factory) else None):
+                assert f"\n  {key}: " in out, key
+            assert field_doc(f).split()[0] in out
 
 
 def test_example_configs_load_at_equal_budget():
@@ -168,7 +186,9 @@ def test_example_configs_load_at_equal_budget():
         ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
         ("optim.betas=[0.9, 1.0]", "optim.betas: expected a number >= 0 and < 1, got (0.9, 1.0)"),
         ("optim.betas=[0.9]", "optim.betas: expected a list of 2 numbers, got [0.9]"),
-        ("optim.total_steps=2.5", "optim.total_steps: expected an integer, got 2.5"),
+        ("train.total_steps=2.5", "train.total_steps: expected an integer, got 2.5"),
+        ("train.packing_balance=flops", "train.packing_balance: expected one of 'attention', 'tokens'"),
+        ("train.max_tokens_per_microbatch=0", "train.max_tokens_per_microbatch: expected an integer >= 1"),
         ("optim.warmup_steps=-1", "optim.warmup_steps: expected an integer >= 0, got -1"),
         ("optim.min_lr_ratio=2", "optim.min_lr_ratio: expected a number >= 0 and <= 1, got 2.0"),
         ("optim.schedule=step", "optim.schedule: expected one of 'cosine', 'linear', 'constant'"),
@@ -216,7 +236,7 @@ def test_unknown_keys_list_the_valid_keys(tmp_path):
     assert "valid keys of layer2: enabled, group_size, selection, guiding_phrases" in text
     text = error_of(load_config, None, ["--modle.path=x"])
     assert text.startswith("command line --modle.path=x: modle: unknown key (did you mean 'model'?)")
-    assert "valid keys: algo, seed, model, data, rollout, layer1, layer2, reward, loss, optim" in text
+    assert "valid keys: algo, seed, model, data, rollout, layer1, layer2, reward, loss, train, optim" in text
     text = error_of(load_config, None, ["--layer2.foo.bar=1"])
     assert "layer2.foo: unknown key; valid keys of layer2:" in text
 
@@ -235,6 +255,84 @@ def test_file_errors_give_file_and_line(tmp_path):
         load_config(tmp_path / "missing.yaml", [])
     (tmp_path / "bin.yaml").write_bytes(b"algo: \xff\n")
     assert "not UTF-8" in error_of(load_config, tmp_path / "bin.yaml", [])
+
+
+# --------------------------------------------------------------------------------------------
+# Keys that moved from optim to train
+# --------------------------------------------------------------------------------------------
+OLD_OPTIM_KEYS = {
+    "total_steps": 7,
+    "questions_per_step": 3,
+    "max_tokens_per_microbatch": 99,
+    "packing_balance": "tokens",
+    "max_nonfinite_updates": 5,
+}
+
+
+def test_the_moved_keys_are_the_train_section():
+    assert MOVED_KEYS == {f"optim.{k}": f"train.{k}" for k in OLD_OPTIM_KEYS}
+    train = {f.name for f in dataclasses.fields(TrainConfig().train)}
+    optim = {f.name for f in dataclasses.fields(TrainConfig().optim)}
+    assert train == set(OLD_OPTIM_KEYS) and not train & optim
+    assert optim == {
+        "lr",
+        "betas",
+        "eps",
+        "weight_decay",
+        "warmup_steps",
+        "schedule",
+        "min_lr_ratio",
+        "grad_clip",
+    }
+
+
+def test_old_optim_keys_in_a_file_still_work_with_a_one_line_warning(tmp_path, caplog):
+    body = "".join(f"  {k}: {v}\n" for k, v in OLD_OPTIM_KEYS.items())
+    path = write(tmp_path, f"optim:\n  lr: 1e-5\n{body}")
+    with caplog.at_level("WARNING", logger="mgrpo_fast.config.loading"):
+        cfg = load_config(path, [])
+    assert {k: getattr(cfg.train, k) for k in OLD_OPTIM_KEYS} == OLD_OPTIM_KEYS and cfg.optim.lr == 1e-5
+    assert cfg == load_config(write(tmp_path, f"optim:\n  lr: 1e-5\ntrain:\n{body}", "new.yaml"), [])
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == len(OLD_OPTIM_KEYS) and all("\n" not in m for m in messages)
+    assert messages[0] == (
+        f"{path}:3: optim.total_steps has moved to train.total_steps; please use that (the old key still "
+        "works for now)"
+    )
+    # errors in a moved key still point at its line in the file
+    text = error_of(load_config, write(tmp_path, "optim:\n  lr: 1e-5\n  total_steps: 2.5\n", "bad.yaml"), [])
+    assert text == f"{tmp_path / 'bad.yaml'}:3: train.total_steps: expected an integer, got 2.5"
+
+
+def test_old_optim_overrides_still_work_with_a_warning(caplog):
+    with caplog.at_level("WARNING", logger="mgrpo_fast.config.loading"):
+        cfg = load_config(
+            None, ["--optim.total_steps=4", "--optim={questions_per_step: 2}", "--train.total_steps=5"]
+        )
+        old_last = load_config(None, ["--train.total_steps=5", "--optim.total_steps", "4"])
+    assert (cfg.train.total_steps, cfg.train.questions_per_step, old_last.train.total_steps) == (5, 2, 4)
+    assert "command line: optim.questions_per_step has moved to train.questions_per_step" in caplog.text
+    text = error_of(load_config, None, ["--optim.total_steps=0"])
+    assert text == "command line --optim.total_steps=0: train.total_steps: expected an integer >= 1, got 0"
+
+
+def test_old_and_new_key_in_one_file_is_an_error(tmp_path):
+    path = write(tmp_path, "train:\n  total_steps: 3\noptim:\n  total_steps: 4\n")
+    text = error_of(load_config, path, [])
+    assert (
+        text == f"{path}:4: optim.total_steps and train.total_steps are both set; keep only train.total_steps"
+    )
+
+
+def test_python_construction_with_an_old_key_names_the_new_key():
+    text = error_of(TrainConfig.from_dict, {"optim": {"total_steps": 3}})
+    assert text == "optim.total_steps: this key has moved to train.total_steps; set train.total_steps instead"
+
+
+def test_the_resolved_config_is_written_with_the_new_keys(tmp_path):
+    cfg = load_config(None, ["--optim.total_steps=9", f"--logging.run_dir={tmp_path / 'run'}"])
+    written = (Path(cfg.save_resolved())).read_text()
+    assert "\ntrain:\n  total_steps: 9\n" in written and "total_steps" not in written.split("\noptim:\n")[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +365,7 @@ def test_grpo_gets_mgrpo_rollout_budget(selection, t1, t2):
     mgrpo_tokens = g1 * t1 + selected * g2 * t2  # per question, at the max_new_tokens caps
     assert mgrpo_tokens <= grpo.layer1.group_size * t1 < mgrpo_tokens + t1
     assert grpo.layer2.enabled is False and mgrpo.layer2.enabled is True
-    assert grpo.optim.questions_per_step == mgrpo.optim.questions_per_step
+    assert grpo.train.questions_per_step == mgrpo.train.questions_per_step
     explicit = load_config(None, overrides + ["--algo=grpo", "--layer1.group_size=5"])
     assert explicit.layer1.group_size == 5  # an explicit group size is used as given
 

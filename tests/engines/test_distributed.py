@@ -121,11 +121,11 @@ def _train_args(
         "--layer1.mgrpo_group_size=4",
         "--layer2.group_size=2",
         "--layer2.selection=sample:2",
-        "--optim.questions_per_step=3",
-        "--optim.total_steps=3",
+        "--train.questions_per_step=3",
+        "--train.total_steps=3",
         "--optim.lr=1e-3",
         "--optim.schedule=constant",  # the killed run is launched with more steps: same LR
-        "--optim.max_tokens_per_microbatch=200",
+        "--train.max_tokens_per_microbatch=200",
         "--reward.num_workers=0",
         f"--reward.functions={{'{HELPERS}:parity_reward': 1.0}}",
         "--checkpoint.every=1",
@@ -163,7 +163,7 @@ def test_mgrpo_on_two_ranks_with_kill_and_resume(tmp_path, engine):
 
     # the same run killed (SIGKILL to every process) once its step-2 checkpoint exists, then resumed
     part = tmp_path / "part"
-    cmd = _torchrun(*_train_args(model_dir, data_file, part, engine, "--optim.total_steps=40"))
+    cmd = _torchrun(*_train_args(model_dir, data_file, part, engine, "--train.total_steps=40"))
     proc = subprocess.Popen(
         cmd,
         cwd=tmp_path,
@@ -193,8 +193,8 @@ def test_a_rank_without_questions_does_not_hang(model_dir, data_file, tmp_path, 
         data_file,
         run,
         engine,
-        "--optim.questions_per_step=1",
-        "--optim.total_steps=2",
+        "--train.questions_per_step=1",
+        "--train.total_steps=2",
         "--eval.at_end=true",
         "--eval.num_problems=1",
     )

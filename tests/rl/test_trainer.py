@@ -43,8 +43,8 @@ def _config(model_dir: str, run_dir: Path, *extra: str, reward: str = "parity_re
             "--layer1.mgrpo_group_size=4",
             "--layer2.group_size=2",
             "--layer2.selection=sample:2",
-            "--optim.questions_per_step=2",
-            "--optim.total_steps=3",
+            "--train.questions_per_step=2",
+            "--train.total_steps=3",
             "--optim.lr=1e-3",
             "--optim.warmup_steps=1",
             f"--reward.functions={{'{HELPERS}:{reward}': 1.0}}",
@@ -104,7 +104,7 @@ def test_three_mgrpo_steps_end_to_end(model_dir, tmp_path):
 
 
 def test_grpo_runs_layer1_only(model_dir, tmp_path):
-    trainer = _trainer(model_dir, tmp_path / "run", "--algo=grpo", "--optim.total_steps=1")
+    trainer = _trainer(model_dir, tmp_path / "run", "--algo=grpo", "--train.total_steps=1")
     assert trainer.config.layer1.group_size == 4 + 2 * 2  # equal budget: G1 + |S|·G2
     m = trainer.train()
     assert "layer2/pairs" not in m and m["layer1/groups"] == 2.0
@@ -116,7 +116,7 @@ def test_mu_updates_reference_model_and_gradient_checkpointing(model_dir, tmp_pa
         tmp_path / "run",
         "--loss.mu=2",
         "--loss.beta=0.04",
-        "--optim.total_steps=1",
+        "--train.total_steps=1",
         "--model.gradient_checkpointing=true",
         "--logging.tensorboard=true",
     )
@@ -130,17 +130,17 @@ def test_mu_updates_reference_model_and_gradient_checkpointing(model_dir, tmp_pa
 
 
 def test_resume_equals_uninterrupted_run(model_dir, tmp_path):
-    full = _trainer(model_dir, tmp_path / "a", "--optim.total_steps=4")
+    full = _trainer(model_dir, tmp_path / "a", "--train.total_steps=4")
     full.train()
     # the same run, killed after its step-2 checkpoint ...
-    part = _trainer(model_dir, tmp_path / "b", "--optim.total_steps=4")
+    part = _trainer(model_dir, tmp_path / "b", "--train.total_steps=4")
     for _ in range(2):
         part.train_step()
     part.save_checkpoint()
     part.scorer.close()
     del part
     # ... and resumed in a fresh process-like trainer
-    resumed = _trainer(model_dir, tmp_path / "b", "--optim.total_steps=4", "--checkpoint.resume=true")
+    resumed = _trainer(model_dir, tmp_path / "b", "--train.total_steps=4", "--checkpoint.resume=true")
     resumed.train()
     assert resumed.step == 4
     a, b = full.policy.state_dict(), resumed.policy.state_dict()
@@ -163,7 +163,7 @@ def test_microbatch_split_does_not_change_the_gradient(model_dir, tmp_path):
                 model_dir,
                 tmp_path / f"{loss_type}{budget}",
                 f"--loss.loss_type={loss_type}",
-                f"--optim.max_tokens_per_microbatch={budget}",
+                f"--train.max_tokens_per_microbatch={budget}",
                 "--layer2.loss_weight=0.5",
             )
             r = t.rollout(1, {"rollout": 0.0, "scoring": 0.0})
@@ -187,20 +187,20 @@ def test_hanging_and_raising_rewards_do_not_stop_training(model_dir, tmp_path):
     t = _trainer(
         model_dir,
         tmp_path / "hang",
-        "--optim.total_steps=1",
+        "--train.total_steps=1",
         "--reward.num_workers=1",
         "--reward.timeout_s=0.5",
         reward="hanging_reward",
     )
     m = t.train()
     assert t.step == 1 and m["reward1/timeouts"] + m["reward2/timeouts"] > 0
-    t = _trainer(model_dir, tmp_path / "raise", "--optim.total_steps=1", reward="raising_reward")
+    t = _trainer(model_dir, tmp_path / "raise", "--train.total_steps=1", reward="raising_reward")
     m = t.train()
     assert t.step == 1 and m["reward1/errors"] + m["reward2/errors"] > 0
 
 
 def test_nonfinite_loss_is_skipped_then_stops(model_dir, tmp_path):
-    t = _trainer(model_dir, tmp_path / "nan", "--optim.max_nonfinite_updates=2")
+    t = _trainer(model_dir, tmp_path / "nan", "--train.max_nonfinite_updates=2")
     with torch.no_grad():
         t.policy.lm_head.weight[3, 0] = float("nan")  # poisons every log-prob, not the sampling
     t.backend = type(t.backend)(_trainer(model_dir, tmp_path / "ok").policy, t.tokenizer)
