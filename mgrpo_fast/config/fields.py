@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import operator
 import re
 import types
@@ -95,6 +96,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, tp):
             return value
     elif tp in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # YAML's .inf / .nan and 1e999 (which reads as inf)
+            fail(path, f"a finite {'number' if tp is float else 'integer'}", value)
         if tp is float or isinstance(value, int) or value.is_integer():
             return tp(value)
     elif origin is tuple:
@@ -142,16 +145,17 @@ def to_plain(value: Any) -> Any:
 
 
 def setting(default: Any = dataclasses.MISSING, *, doc: str, factory: Any = dataclasses.MISSING,
-            choices: Sequence | None = None, **bounds: float) -> Any:  # fmt: skip
+            choices: Sequence | None = None, why: str | None = None, **bounds: float) -> Any:  # fmt: skip
     """A documented field with its checks. ``doc``: one line saying what the field means and what its
     special values do (``--help`` and docs/training.md show it); ``choices`` and bounds ``ge/gt/le/lt``
-    are checked on load (null and ``auto`` skip them)."""
+    are checked on load (null and ``auto`` skip them); ``why``: the reason for the bounds, added to the
+    error a value outside them gets."""
     if not isinstance(doc, str) or not doc.strip():
         raise TypeError("setting: doc must be a non-empty string (the field's one-line documentation)")
     unknown = set(bounds) - set(_BOUNDS)
     if unknown:
         raise TypeError(f"setting: unknown bound(s) {sorted(unknown)}; expected ge, gt, le, lt")
-    metadata = {"doc": " ".join(doc.split()), "choices": choices, "bounds": bounds}
+    metadata = {"doc": " ".join(doc.split()), "choices": choices, "bounds": bounds, "why": why}
     return field(default=default, default_factory=factory, metadata=metadata)
 
 
@@ -204,7 +208,8 @@ class Section:
             for x in value if isinstance(value, tuple) else (value,):
                 if not all(_BOUNDS[op][0](x, b) for op, b in bounds.items()):
                     limits = " and ".join(f"{_BOUNDS[op][1]} {b}" for op, b in bounds.items())
-                    fail(path, f"{'an integer' if isinstance(x, int) else 'a number'} {limits}", value)
+                    why = f" ({f.metadata['why']})" if f.metadata.get("why") else ""
+                    fail(path, f"{'an integer' if isinstance(x, int) else 'a number'} {limits}{why}", value)
         self._validate()
 
     def _path(self, name: str) -> str:

@@ -79,6 +79,7 @@ class DataConfig(Section):
     file formats in docs/data.md."""
 
     _section = "data"
+    _moved = {"eval_limit": "eval.num_problems"}  # one key for "how many eval problems"
     train_files: tuple[str, ...] = setting(
         (),
         doc="JSONL/Parquet training files (a path or a list); empty = the bundled arithmetic task's train "
@@ -103,7 +104,6 @@ class DataConfig(Section):
     shuffle: bool = setting(True, doc="Shuffle the training problems (seeded by data.shuffle_seed).")
     shuffle_seed: int | None = setting(None, ge=0, doc="Seed of the shuffle; null = the top-level seed.")
     limit: int | None = setting(None, ge=0, doc="Keep at most this many training problems; null = all.")
-    eval_limit: int | None = setting(None, ge=0, doc="Keep at most this many eval problems; null = all.")
     template: str = setting(
         "chat",
         choices=("chat", "plain"),
@@ -113,7 +113,16 @@ class DataConfig(Section):
     system_prompt: str | None = setting(None, doc="Optional system turn; null = none.")
     instruction: str | None = setting(DEFAULT_INSTRUCTION, doc="Appended to every question; null = none.")
     max_prompt_tokens: int | None = setting(
-        None, ge=1, doc="Longer prompts are skipped and counted; null = no limit."
+        None,
+        ge=1,
+        doc="The longest layer-1 prompt, in tokens; null = what the model's context leaves after the "
+        "completions (and, for mgrpo, the first answer, the guiding phrase and the continuation).",
+    )
+    overlong: str = setting(
+        "skip",
+        choices=("skip", "error"),
+        doc="What to do with prompts over that length, measured before step 1: skip (dropped and counted "
+        "in the log) or error (the run refuses, naming the rows).",
     )
 
 
@@ -140,6 +149,9 @@ class RolloutConfig(Section):
         self._require("stop", all(self.stop), "a list of non-empty strings")
 
 
+ONE_IS_NO_GROUP = "a group of one has zero advantage: its reward is its own mean, so it never trains"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Layer1Config(Section):
     """Layer 1 (solve): ``G1`` responses per question, advantages normalized within that group."""
@@ -147,12 +159,16 @@ class Layer1Config(Section):
     _section = "layer1"
     group_size: int | Literal["auto"] | None = setting(
         "auto",
-        ge=1,
+        ge=2,
+        why=ONE_IS_NO_GROUP,
         doc="G1, responses per question; auto (or null) = layer1.mgrpo_group_size for mgrpo and the "
         "equal-budget G1' = G1 + ceil(|S| * G2 * T2 / T1) for grpo; an integer is used as given.",
     )
     mgrpo_group_size: int = setting(
-        8, ge=1, doc="The MGRPO G1 that group_size: auto stands for (and that GRPO's budget is matched to)."
+        8,
+        ge=2,
+        why=ONE_IS_NO_GROUP,
+        doc="The MGRPO G1 that group_size: auto stands for (and that GRPO's budget is matched to).",
     )
 
     def _validate(self) -> None:
@@ -178,7 +194,9 @@ class Layer2Config(Section):
     enabled: bool | Literal["auto"] = setting(
         "auto", doc="auto = on for algo: mgrpo, off for grpo; an explicit value must agree with algo."
     )
-    group_size: int = setting(4, ge=1, doc="G2: continuations per selected (question, first answer).")
+    group_size: int = setting(
+        4, ge=2, why=ONE_IS_NO_GROUP, doc="G2: continuations per selected (question, first answer)."
+    )
     selection: str = setting(
         "all",
         doc="Which first answers get a correction round: all, wrong_only, or sample:k (k per question, drawn "

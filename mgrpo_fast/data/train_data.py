@@ -15,17 +15,23 @@ step (whole groups per rank).
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mgrpo_fast.data.problems import Problem, load_problems
+from mgrpo_fast.data.prompts import build_prompt_ids
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "QuestionOrder",
     "bundled_task_spec",
     "default_max_new_tokens",
     "default_model_path",
+    "drop_overlong_prompts",
     "load_eval_problems",
     "load_train_problems",
     "step_seed",
@@ -95,6 +101,58 @@ def load_eval_problems(files: Sequence[str], limit: int | None = None, data=None
     if not problems:
         raise ValueError("data.eval_files: no evaluation problems")
     return problems
+
+
+def drop_overlong_prompts(
+    problems: list[Problem],
+    tokenizer: Any,
+    *,
+    limit: int | None,
+    mode: str,
+    source: str,
+    prompt_options: dict[str, Any],
+) -> list[Problem]:
+    """``problems`` whose layer-1 prompt (``build_prompt_ids(problem, tokenizer, **prompt_options)``)
+    has at most ``limit`` tokens, measured before training starts so that no step meets one that does
+    not fit. ``mode="skip"``: the others are dropped and counted in one log line; ``"error"``: a
+    ``ValueError`` names them (id, file and line). ``source`` names where they came from in messages."""
+    if limit is None:
+        return problems
+    if limit < 1:
+        raise ValueError(
+            f"data.max_prompt_tokens: the model's context leaves {limit} tokens for a prompt after the "
+            "completion lengths (rollout.max_new_tokens, layer2.max_new_tokens); lower those"
+        )
+    over = [(p, n) for p in problems if (n := len(build_prompt_ids(p, tokenizer, **prompt_options))) > limit]
+    if not over:
+        return problems
+    rows = "; ".join(
+        f"{p.id} ({n} tokens{_where(p)})" for p, n in over[:5]
+    ) + (f"; and {len(over) - 5} more" if len(over) > 5 else "")
+    if mode == "error":
+        raise ValueError(
+            f"data.overlong: error: {len(over)} of {len(problems)} prompts of {source} are longer than "
+            f"{limit} tokens: {rows}. Shorten them, raise data.max_prompt_tokens / lower the completion "
+            "lengths, or set data.overlong: skip"
+        )
+    logger.warning(
+        "%s: skipping %d of %d problems whose prompt is longer than %d tokens (data.overlong: skip): %s",
+        source,
+        len(over),
+        len(problems),
+        limit,
+        rows,
+    )
+    dropped = {id(p) for p, _ in over}
+    kept = [p for p in problems if id(p) not in dropped]
+    if not kept:
+        raise ValueError(f"{source}: every prompt is longer than {limit} tokens (data.max_prompt_tokens)")
+    return kept
+
+
+def _where(problem: Problem) -> str:
+    f, line = problem.meta.get("data_file"), problem.meta.get("data_line")
+    return f", {f}:{line}" if f else ""
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:

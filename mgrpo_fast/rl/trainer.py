@@ -35,6 +35,7 @@ from mgrpo_fast.data.problems import Problem
 from mgrpo_fast.data.train_data import (
     QuestionOrder,
     default_model_path,
+    drop_overlong_prompts,
     load_eval_problems,
     load_train_problems,
     step_seed,
@@ -114,7 +115,8 @@ class MGRPOTrainer:
             self.ref_module = make_reference(ref, cfg, self.dist)
         self.backend = HFGenerateBackend(self.policy, self.tokenizer)
         self.scorer = RewardScorer(cfg.reward.scorer_fns(), cfg.reward.timeout_s, cfg.reward.num_workers)
-        self.train_problems = train_problems if train_problems is not None else load_train_problems(cfg.data)
+        problems = train_problems if train_problems is not None else load_train_problems(cfg.data)
+        self.train_problems = self._fitting(problems, "the training problems")
         self._eval_problems = eval_problems
         self.order = QuestionOrder(
             len(self.train_problems),
@@ -168,12 +170,32 @@ class MGRPOTrainer:
             batch_size=r.batch_size,
         )
 
+    def _fitting(self, problems: list[Problem], source: str) -> list[Problem]:
+        """``problems`` whose prompts fit the model's context (``data.max_prompt_tokens``, ``data.overlong``):
+        a layer-1 prompt plus T1, and for MGRPO plus the first answer, the phrase and T2."""
+        cfg = self.config
+        limit = cfg.data.max_prompt_tokens
+        context = getattr(self.policy.config, "max_position_embeddings", None)
+        if context:
+            room = context - cfg.rollout.max_new_tokens
+            if cfg.algo == "mgrpo":
+                l2 = cfg.layer2
+                phrase = max(len(self.tokenizer.encode(l2.separator + p)) for p in l2.guiding_phrases)
+                room -= cfg.rollout.max_new_tokens + phrase + l2.max_new_tokens
+            limit = room if limit is None else min(limit, room)
+        d = cfg.data
+        options = dict(system_prompt=d.system_prompt, template=d.template, instruction=d.instruction)
+        return drop_overlong_prompts(
+            problems, self.tokenizer, limit=limit, mode=d.overlong, source=source, prompt_options=options
+        )
+
     @property
     def eval_problems(self) -> list[Problem]:
         if self._eval_problems is None:
-            self._eval_problems = load_eval_problems(
+            problems = load_eval_problems(
                 self.config.data.eval_files, self.config.eval.num_problems, self.config.data
             )
+            self._eval_problems = self._fitting(problems, "the eval problems")
         return self._eval_problems
 
     def _seed(self, step: int, stream: int) -> int:

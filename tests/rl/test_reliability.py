@@ -64,8 +64,8 @@ def _args(model_dir: str, run_dir: Path, *extra: str) -> list[str]:
         "--layer1.mgrpo_group_size=4",
         "--layer2.group_size=2",
         "--layer2.selection=sample:2",
-        "--optim.questions_per_step=2",
-        "--optim.total_steps=2",
+        "--train.questions_per_step=2",
+        "--train.total_steps=2",
         "--optim.lr=1e-3",
         f"--reward.functions={{'{HELPERS}:parity_reward': 1.0}}",
         "--reward.num_workers=0",
@@ -166,7 +166,7 @@ def test_a_fresh_run_never_mixes_with_a_previous_one(model_dir, tmp_path):
     with pytest.raises(RunDirectoryError, match="holds a previous run.*--resume.*--overwrite"):
         _trainer(model_dir, run, "--seed=1").train()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # untouched
-    t = _trainer(model_dir, run, "--seed=1", "--logging.overwrite=true", "--optim.total_steps=1")
+    t = _trainer(model_dir, run, "--seed=1", "--logging.overwrite=true", "--train.total_steps=1")
     t.train()
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [1]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -176,7 +176,7 @@ def test_a_fresh_run_never_mixes_with_a_previous_one(model_dir, tmp_path):
 # ---------------------------------------------------------------- resume refuses a changed config
 def test_resume_with_a_changed_config_lists_the_fields(model_dir, tmp_path):
     run = tmp_path / "run"
-    _trainer(model_dir, run, "--optim.total_steps=1").train()
+    _trainer(model_dir, run, "--train.total_steps=1").train()
     with pytest.raises(RunDirectoryError, match=r"loss\.epsilon_high: 0\.2 -> 0\.3.*allow_changes"):
         _trainer(model_dir, run, "--resume", "--loss.epsilon_high=0.3").train()
     # a safe field (more steps) needs no permission; an unsafe one can be allowed explicitly
@@ -194,14 +194,14 @@ def test_a_truncated_newest_checkpoint_is_skipped_with_a_warning(model_dir, tmp_
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     assert any("model.safetensors has" in p for p in verify_checkpoint(newest))
     assert latest_checkpoint(run / "checkpoints").name.endswith(f"{step1:08d}")
-    t = _trainer(model_dir, run, "--resume", "--optim.total_steps=2")
+    t = _trainer(model_dir, run, "--resume", "--train.total_steps=2")
     t.train()
     assert "damaged" in caplog.text and t.step == 2
 
 
 def test_checkpoint_verification_is_cheap(model_dir, tmp_path):
     """The resume-time verification reads the manifest, stats each file and hashes the small ones."""
-    _trainer(model_dir, tmp_path / "run", "--optim.total_steps=1").train()
+    _trainer(model_dir, tmp_path / "run", "--train.total_steps=1").train()
     newest = latest_checkpoint(tmp_path / "run" / "checkpoints")
     manifest = json.loads((newest / "manifest.json").read_text())["files"]
     expected = {"model.safetensors", "optimizer.pt", "trainer_state.json", "rng_rank0.safetensors"}
@@ -222,7 +222,7 @@ from mgrpo_fast.rl.trainer import MGRPOTrainer
 from mgrpo_fast.rl.checkpoint import CheckpointWriteError
 from mgrpo_fast.data.problems import Problem
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
-cfg = load_config(None, {_args(model_dir, run, "--optim.total_steps=2")!r})
+cfg = load_config(None, {_args(model_dir, run, "--train.total_steps=2")!r})
 problems = [Problem(id=str(i), question=f"What is {{i}}+{{i + 1}}?", answer=str(2 * i + 1)) for i in range(8)]
 t = MGRPOTrainer(cfg, train_problems=problems, eval_problems=problems[:2])
 t.train_step()
@@ -263,7 +263,7 @@ def _wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: fl
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_finishes_the_step_checkpoints_and_exits_0(model_dir, train_file, tmp_path, signum):
     run = tmp_path / "run"
-    cmd = _train_cmd(model_dir, train_file, run, "--optim.total_steps=1000", "--checkpoint.every=1000")
+    cmd = _train_cmd(model_dir, train_file, run, "--train.total_steps=1000", "--checkpoint.every=1000")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(run, proc, 1)
     proc.send_signal(signum)
@@ -273,7 +273,7 @@ def test_a_signal_finishes_the_step_checkpoints_and_exits_0(model_dir, train_fil
     assert len(saved) == 1 and saved[0][0] >= 1  # the step in flight finished and was saved
     assert "--resume" in err
     resumed = subprocess.run(
-        _train_cmd(model_dir, train_file, run, "--resume", f"--optim.total_steps={saved[0][0] + 1}"),
+        _train_cmd(model_dir, train_file, run, "--resume", f"--train.total_steps={saved[0][0] + 1}"),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -289,7 +289,7 @@ def test_a_second_signal_stops_at_once(model_dir, train_file, tmp_path):
         model_dir,
         train_file,
         run,
-        "--optim.total_steps=1000",
+        "--train.total_steps=1000",
         "--checkpoint.every=1000",
         "--rollout.max_new_tokens=400",  # long steps: the second signal arrives mid-step
     )
@@ -317,8 +317,8 @@ def test_a_hanging_in_process_reward_times_out(tmp_path):
 # ---------------------------------------------------------------- NaN/Inf stops with the last good state
 def test_a_non_finite_stop_leaves_the_last_good_checkpoint(model_dir, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    once = "--optim.max_nonfinite_updates=1"
-    t = _trainer(model_dir, run, "--optim.total_steps=3", "--checkpoint.every=100", once)
+    once = "--train.max_nonfinite_updates=1"
+    t = _trainer(model_dir, run, "--train.total_steps=3", "--checkpoint.every=100", once)
     good = {k: v.clone() for k, v in t.policy.state_dict().items()}
     original = t.forward_backward
 
@@ -336,3 +336,46 @@ def test_a_non_finite_stop_leaves_the_last_good_checkpoint(model_dir, tmp_path, 
     saved = load_file(str(newest / "model.safetensors"))
     assert all(torch.equal(saved[k], good[k]) for k in saved)
     assert os.path.getsize(run / ".lock") == 0
+
+
+# ---------------------------------------------------------------- config values that cannot work
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e999"])
+def test_non_finite_numbers_are_refused_by_name(value):
+    with pytest.raises(ValueError, match=r"optim\.lr: expected a finite number"):
+        load_config(None, [f"--optim.lr={value}"])
+
+
+@pytest.mark.parametrize("key", ["layer1.group_size", "layer1.mgrpo_group_size", "layer2.group_size"])
+def test_a_group_of_one_is_refused(key):
+    with pytest.raises(ValueError, match=rf"{key}: .*>= 2 \(a group of one has zero advantage"):
+        load_config(None, [f"--{key}=1"])
+
+
+def test_the_eval_limit_key_moved_to_eval_num_problems(caplog):
+    cfg = load_config(None, ["--data.eval_limit=7"])
+    assert cfg.eval.num_problems == 7 and "moved to eval.num_problems" in caplog.text
+
+
+# ---------------------------------------------------------------- prompts longer than the context
+def _long_problems() -> list[Problem]:
+    return [*PROBLEMS[:4], Problem(id="huge", question="x" * 5000, answer="1"), *PROBLEMS[4:]]
+
+
+def test_overlong_prompts_are_skipped_before_step_1(model_dir, tmp_path, caplog):
+    cfg = load_config(None, _args(model_dir, tmp_path / "run", "--train.total_steps=1"))
+    t = MGRPOTrainer(cfg, train_problems=_long_problems(), eval_problems=PROBLEMS[:2])
+    assert [p.id for p in t.train_problems] == [p.id for p in PROBLEMS]
+    assert "skipping 1 of 9 problems" in caplog.text and "huge" in caplog.text
+    t.train()  # and the run trains on the rest
+
+
+def test_overlong_prompts_can_refuse_the_run_naming_the_rows(model_dir, tmp_path):
+    cfg = load_config(None, _args(model_dir, tmp_path / "run", "--data.overlong=error"))
+    with pytest.raises(ValueError, match=r"data\.overlong: error: 1 of 9 prompts .* huge \(\d+ tokens"):
+        MGRPOTrainer(cfg, train_problems=_long_problems(), eval_problems=PROBLEMS[:2])
+
+
+def test_max_prompt_tokens_is_honoured(model_dir, tmp_path):
+    cfg = load_config(None, _args(model_dir, tmp_path / "run", "--data.max_prompt_tokens=40"))
+    t = MGRPOTrainer(cfg, train_problems=PROBLEMS + [Problem(id="long", question="y" * 60, answer="2")])
+    assert "long" not in [p.id for p in t.train_problems]
