@@ -304,7 +304,6 @@ class MGRPOTrainer:
             min_ratio=o.min_lr_ratio,
         )
         result = self.engine.optimizer_step(lr, o.grad_clip, loss)
-        self.updates += 1
         if not result.skipped:
             self.nonfinite_in_a_row = 0
         else:
@@ -322,6 +321,7 @@ class MGRPOTrainer:
                     f"(optim.max_nonfinite_updates={o.max_nonfinite_updates}); stopping at step "
                     f"{self.step + 1}. Lower optim.lr, check the data, or resume from the last checkpoint"
                 )
+        self.updates += 1
         return {"grad_norm": result.grad_norm, "lr": result.lr, "skipped": float(result.skipped)}
 
     def update(self, batch: mgrpo.TrainingBatch, timings: dict[str, float]) -> dict[str, float]:
