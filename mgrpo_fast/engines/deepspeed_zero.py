@@ -52,6 +52,11 @@ def _import_deepspeed():
             "parallel.engine: 'deepspeed' needs the deepspeed package: pip install 'mgrpo-fast[deepspeed]' "
             "(or use parallel.engine: fsdp2)"
         ) from e
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU comm backend JIT-builds a shared-memory all-reduce op at every initialize (ninja,
+        # under a file lock in the torch extensions cache); only its inference all-reduce uses it, training
+        # does not. Skipped: no compiler needed, and no hang behind a lock left by a killed process.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
 
 

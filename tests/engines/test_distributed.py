@@ -108,11 +108,11 @@ def test_mgrpo_on_two_ranks_with_kill_and_resume(tmp_path, engine):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_rank_without_questions_does_not_hang(model_dir, data_file, tmp_path, engine):
-    run = tmp_path / "run"
+    run_dir = tmp_path / "run"
     args = _train_args(
         model_dir,
         data_file,
-        run,
+        run_dir,
         engine,
         "--optim.questions_per_step=1",
         "--optim.total_steps=2",
@@ -120,6 +120,6 @@ def test_a_rank_without_questions_does_not_hang(model_dir, data_file, tmp_path, 
         "--eval.num_problems=1",
     )
     run(torchrun(*args), tmp_path)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["layer1/groups"] for r in records if "layer1/groups" in r] == [1.0, 1.0]
     assert records[-1]["eval/num_problems"] == 1.0
