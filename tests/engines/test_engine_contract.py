@@ -107,12 +107,12 @@ def test_engine_on_two_ranks_matches_one_process(one_process, model_dir, tmp_pat
     for name, want in expected.items():
         got = two["steps"][name]
         assert got["skipped"] == want["skipped"] and got["lr"] == want["lr"], name
-        for key, rtol in (("loss", 1e-6), ("grad_norm", 1e-5)):
+        for key, rtol in (("loss", 1e-6), ("grad_norm", 1e-6)):
             assert got[key] == pytest.approx(want[key], rel=rtol, abs=1e-7, nan_ok=True), (name, key)
 
     one_w, two_w = _weights(one_dir / "resumed"), _weights(tmp_path / "resumed")
     for k in one_w:
-        torch.testing.assert_close(two_w[k], one_w[k], rtol=0, atol=1e-5, msg=k)
+        torch.testing.assert_close(two_w[k], one_w[k], rtol=0, atol=1e-6, msg=k)  # measured 1.2e-7
     if engine != "deepspeed":  # the skipped update left no trace: continuing = resuming
         continued = _weights(tmp_path / "continued")
         for k in continued:
