@@ -12,16 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CHATML, byte_tokenizer
-from safetensors.torch import load_file
-from torchrun_jobs import TIMEOUT, env, kill_tree, needs_deepspeed, run, torchrun
+from torchrun_jobs import TIMEOUT, env, exported_weights, kill_tree, needs_deepspeed, run, torchrun
 from trainer_helpers import save_tiny_model
 
 HELPERS = str(Path(__file__).parents[1] / "trainer_helpers.py")
 ENGINES = ["fsdp2", pytest.param("deepspeed", marks=needs_deepspeed)]
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +96,7 @@ def test_mgrpo_on_two_ranks_with_kill_and_resume(tmp_path, engine):
     proc.wait()
     assert (ckpt / "trainer_state.json").is_file()
     run(torchrun(*_train_args(model_dir, data_file, part, engine, f"--checkpoint.resume={ckpt}")), tmp_path)
-    a, b = _weights(full / "final"), _weights(part / "final")
+    a, b = exported_weights(full / "final"), exported_weights(part / "final")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
 

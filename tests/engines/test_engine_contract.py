@@ -13,8 +13,7 @@ import pytest
 import torch
 from conftest import CHATML, byte_tokenizer
 from engine_scenario import CLIP, PLAIN_LR, contract_violations, engine_uses, protocol_members, run_scenario
-from safetensors.torch import load_file
-from torchrun_jobs import REPO, needs_deepspeed, run, torchrun
+from torchrun_jobs import REPO, exported_weights, needs_deepspeed, run, torchrun
 from trainer_helpers import save_tiny_model
 
 from mgrpo_fast.engines.base import Engine, StepResult
@@ -32,10 +31,6 @@ ENGINES = [
     pytest.param("deepspeed", ["--parallel.zero_stage=2"], id="zero2", marks=needs_deepspeed),
     pytest.param("deepspeed", ["--parallel.zero_stage=3"], id="zero3", marks=needs_deepspeed),
 ]
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +77,9 @@ def test_one_process_scenario(one_process, model_dir):
     assert steps["clipped"]["grad_norm"] > CLIP  # the clipped step really clipped
     assert steps["resumed"] == steps["clipped"]  # the skipped update left no trace
     base, continued, resumed = (
-        _weights(Path(model_dir)),
-        _weights(out / "continued"),
-        _weights(out / "resumed"),
+        exported_weights(Path(model_dir)),
+        exported_weights(out / "continued"),
+        exported_weights(out / "resumed"),
     )
     assert max(float((resumed[k] - base[k]).abs().max()) for k in resumed) > 1e-3  # the updates moved them
     for k in continued:
@@ -110,10 +105,10 @@ def test_engine_on_two_ranks_matches_one_process(one_process, model_dir, tmp_pat
         for key, rtol in (("loss", 1e-6), ("grad_norm", 1e-6)):
             assert got[key] == pytest.approx(want[key], rel=rtol, abs=1e-7, nan_ok=True), (name, key)
 
-    one_w, two_w = _weights(one_dir / "resumed"), _weights(tmp_path / "resumed")
+    one_w, two_w = exported_weights(one_dir / "resumed"), exported_weights(tmp_path / "resumed")
     for k in one_w:
         torch.testing.assert_close(two_w[k], one_w[k], rtol=0, atol=1e-6, msg=k)  # measured 1.2e-7
     if engine != "deepspeed":  # the skipped update left no trace: continuing = resuming
-        continued = _weights(tmp_path / "continued")
+        continued = exported_weights(tmp_path / "continued")
         for k in continued:
             assert torch.equal(two_w[k], continued[k]), k

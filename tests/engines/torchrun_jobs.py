@@ -1,5 +1,6 @@
 """Launching ``torchrun`` jobs from the tests: 2 CPU ranks (gloo), a hang killed with every worker and
-reported, the output shown on failure. Shared by test_distributed.py and test_engine_contract.py."""
+reported, the output shown on failure; reading the weights they export. Shared by test_distributed.py
+and test_engine_contract.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 240
@@ -73,3 +76,8 @@ def kill_tree(pid: int) -> None:
     deadline = time.time() + 30
     while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in tree[1:]):
         time.sleep(0.05)
+
+
+def exported_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``save_pretrained`` directory (one safetensors file: the tiny test models)."""
+    return load_file(str(path / "model.safetensors"))
