@@ -9,10 +9,12 @@ On CPU it runs with ``DS_ACCELERATOR=cpu`` and gloo (set automatically when no G
   update reduces and ``step`` applies; the loss is not divided by DeepSpeed's accumulation count
   (``scale_wrt_gas=False``) and is multiplied by the world size, since DeepSpeed averages gradients
   over ranks and each rank's loss already carries the global normalization (``mgrpo_fast.rl.update``).
-* Clipping is DeepSpeed's (``gradient_clipping`` = ``optim.grad_clip``); the logged norm is its
-  global norm. An update with a NaN/Inf loss cannot be discarded from ZeRO's reduced gradient
-  buffers, so under DeepSpeed it stops the run (resume from the last checkpoint) instead of being
-  skipped as with the other engines.
+* Clipping is DeepSpeed's, inside its ``step`` (the ZeRO optimizer's ``clip_grad``, set to the
+  ``max_grad_norm`` of every ``optimizer_step``); the reported norm is its global norm. An update
+  with a NaN/Inf loss cannot be discarded from ZeRO's reduced gradient buffers, so under DeepSpeed
+  it stops the run with :class:`~mgrpo_fast.engines.base.NonFiniteLossError` (resume from the last
+  checkpoint) instead of being skipped as with the other engines. A finite loss whose gradient norm
+  is not finite is skipped by ZeRO itself (its overflow check); ``StepResult.skipped`` reports it.
 * ZeRO-3: the lm_head weight is registered as an external parameter of the ``PackedPolicy`` (the fused
   loss reads it outside ``lm_head.forward``); rollouts run inside ``GatheredParameters`` (full weights).
 * Checkpoints: DeepSpeed's own (``save_checkpoint`` / ``load_checkpoint``, tag ``ds``, into the shared
@@ -22,6 +24,7 @@ On CPU it runs with ``DS_ACCELERATOR=cpu`` and gloo (set automatically when no G
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -29,8 +32,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mgrpo_fast.engines.base import NonFiniteLossError, StepResult
 from mgrpo_fast.engines.distributed import DistInfo, RankCollectives
-from mgrpo_fast.engines.local import build_adamw
+from mgrpo_fast.engines.optim import build_adamw
 from mgrpo_fast.models.policy import lm_head_of
 
 __all__ = ["DeepSpeedEngine", "deepspeed_reference"]
@@ -48,6 +52,11 @@ def _import_deepspeed():
             "parallel.engine: 'deepspeed' needs the deepspeed package: pip install 'mgrpo-fast[deepspeed]' "
             "(or use parallel.engine: fsdp2)"
         ) from e
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU comm backend JIT-builds a shared-memory all-reduce op at every initialize (ninja,
+        # under a file lock in the torch extensions cache); only its inference all-reduce uses it, training
+        # does not. Skipped: no compiler needed, and no hang behind a lock left by a killed process.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
 
 
@@ -73,14 +82,20 @@ def _ds_config(parallel: Any, optim: Any | None, device: torch.device) -> dict[s
 
 
 class DeepSpeedEngine(RankCollectives):
-    """The :mod:`~mgrpo_fast.engines.local` interface on DeepSpeed ZeRO (module docstring)."""
+    """:class:`~mgrpo_fast.engines.base.Engine` on DeepSpeed ZeRO-2/3 (module docstring).
+
+    Args:
+        policy: the transformers causal LM (rollouts gather it under ZeRO-3; ``export`` writes it).
+        module: the trainer's ``PackedPolicy`` around ``policy``, wrapped by ``deepspeed.initialize``.
+        optim: the ``optim`` config section; ``info``: this rank; ``parallel``: the ``parallel`` section.
+    """
 
     def __init__(
         self, policy: torch.nn.Module, module: torch.nn.Module, optim: Any, info: DistInfo, parallel: Any
     ) -> None:
+        super().__init__(info)
         ds = _import_deepspeed()
         self.deepspeed, self.policy = ds, policy
-        self._set_rank(info)
         self.stage = parallel.zero_stage
         if self.stage == 3:
             ds.zero.register_external_parameter(module, lm_head_of(policy).weight)
@@ -88,6 +103,11 @@ class DeepSpeedEngine(RankCollectives):
         self.engine, self.optimizer, _, _ = ds.initialize(
             model=module, optimizer=optimizer, config=_ds_config(parallel, optim, info.device)
         )
+        if not hasattr(self.optimizer, "clip_grad"):
+            raise RuntimeError(
+                f"deepspeed {ds.__version__}: its ZeRO optimizer {type(self.optimizer).__name__} has no "
+                "clip_grad; this engine needs a DeepSpeed whose ZeRO-2/3 optimizers clip with it"
+            )
         self.module = self.engine  # its forward runs PackedPolicy.forward under ZeRO's hooks
 
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
@@ -95,28 +115,22 @@ class DeepSpeedEngine(RankCollectives):
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
 
-    def clip_grad_norm(self, max_norm: float | None) -> float | None:
-        return None  # DeepSpeed clips inside step(); its norm is returned by step()
-
-    def step(self, lr: float) -> float:
+    def optimizer_step(self, lr: float, max_grad_norm: float | None, loss: float) -> StepResult:
+        if not math.isfinite(loss):  # the same on every rank: ``loss`` is the all-rank loss
+            raise NonFiniteLossError(
+                "a NaN/Inf loss under parallel.engine: deepspeed (ZeRO cannot discard reduced gradients); "
+                "resume from the last checkpoint with a lower optim.lr, or use parallel.engine: fsdp2"
+            )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.engine.step()
+        self.optimizer.clip_grad = float(max_grad_norm or 0.0)  # 0 = no clipping (DeepSpeed's)
+        self.engine.step()  # global norm, overflow check, clip, AdamW; skips itself on overflow
         norm = self.engine.get_global_grad_norm()
-        return float("nan") if norm is None else float(norm)
-
-    def skip_update(self) -> None:
-        from mgrpo_fast.engines.base import NonFiniteLossError
-
-        raise NonFiniteLossError(
-            "a NaN/Inf loss under parallel.engine: deepspeed (ZeRO cannot discard reduced gradients); "
-            "resume from the last checkpoint with a lower optim.lr, or use parallel.engine: fsdp2"
-        )
-
-    def zero_grad(self) -> None:
+        skipped = bool(getattr(self.optimizer, "overflow", False))
         self.engine.zero_grad()
+        return StepResult(grad_norm=math.nan if norm is None else float(norm), skipped=skipped, lr=lr)
 
-    def generation(self):
+    def generation(self) -> contextlib.AbstractContextManager[Any]:
         if self.stage != 3:
             return contextlib.nullcontext()
         return self.deepspeed.zero.GatheredParameters(list(self.policy.parameters()), modifier_rank=None)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mgrpo_fast.engines.base import check_reduce_op
+
 __all__ = ["DistInfo", "RankCollectives", "all_reduce_floats", "init_distributed"]
 
 
@@ -57,27 +59,20 @@ def _collective_device(device: torch.device) -> torch.device:
 
 
 def all_reduce_floats(values: list[float], op: str, device: torch.device) -> list[float]:
-    """Sum or max of python floats over all ranks (fp64, one collective)."""
+    """Sum or max (``op``) of python floats over all ranks (fp64, one collective)."""
+    check_reduce_op(op)
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_collective_device(device))
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()
 
 
 class RankCollectives:
-    """The engines' collectives on python values (both distributed engines inherit them)."""
+    """The rank facts and the collectives on python values of an :class:`~mgrpo_fast.engines.base.Engine`
+    under ``torchrun`` (the base class of the FSDP2 and DeepSpeed engines)."""
 
-    device: torch.device
-    rank: int
-    world_size: int
-    is_main: bool
-
-    def _set_rank(self, info: DistInfo) -> None:
-        self.device, self.rank, self.world_size, self.is_main = (
-            info.device,
-            info.rank,
-            info.world_size,
-            info.rank == 0,
-        )
+    def __init__(self, info: DistInfo) -> None:
+        self.device, self.rank, self.world_size = info.device, info.rank, info.world_size
+        self.is_main = info.rank == 0
 
     def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
         return all_reduce_floats(values, op, self.device)

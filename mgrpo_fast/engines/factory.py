@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from mgrpo_fast.engines.base import Engine
 from mgrpo_fast.engines.distributed import DistInfo
 from mgrpo_fast.engines.fsdp2 import FSDP2Engine, shard_packed_policy
 from mgrpo_fast.engines.local import LocalEngine
@@ -19,7 +20,7 @@ def engine_name(parallel: Any) -> str:
 
 def make_engine(
     policy: torch.nn.Module, module: torch.nn.Module, config: Any, info: DistInfo | None, device: torch.device
-):
+) -> Engine:
     """The engine of a run: :class:`~mgrpo_fast.engines.local.LocalEngine` without torchrun, else
     ``parallel.engine`` (``auto`` = FSDP2)."""
     if info is None:

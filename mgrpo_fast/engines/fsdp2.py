@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from mgrpo_fast.engines.base import StepResult
 from mgrpo_fast.engines.distributed import DistInfo, RankCollectives
-from mgrpo_fast.engines.local import LocalEngine, build_adamw
+from mgrpo_fast.engines.optim import AdamWUpdate
 from mgrpo_fast.models.policy import decoder_of
 from mgrpo_fast.packing.microbatch import build_microbatch
 
@@ -90,18 +92,26 @@ def _forget_forward_order(units: list) -> None:
                 group.comm_ctx.post_forward_order.clear()
 
 
-class FSDP2Engine(RankCollectives, LocalEngine):
-    """The :mod:`~mgrpo_fast.engines.local` interface on FSDP2 (module docstring); the AdamW ``step``,
-    ``zero_grad`` and ``skip_update`` are the one-process engine's (the optimizer holds the shards)."""
+class FSDP2Engine(RankCollectives):
+    """:class:`~mgrpo_fast.engines.base.Engine` on FSDP2 (module docstring). AdamW holds the local
+    shards; clip / step / skip are the one-process engine's (:class:`~mgrpo_fast.engines.optim.AdamWUpdate`)
+    with the gradient norm taken over all ranks.
+
+    Args:
+        policy: the transformers causal LM (``export`` writes it).
+        module: the trainer's ``PackedPolicy`` around ``policy``; sharded in place here.
+        optim: the ``optim`` config section; ``info``: this rank; ``parallel``: the ``parallel`` section.
+    """
 
     def __init__(
         self, policy: torch.nn.Module, module: torch.nn.Module, optim: Any, info: DistInfo, parallel: Any
     ) -> None:
+        super().__init__(info)
         self.policy, self.module = policy, module
-        self._set_rank(info)
         self.units = shard_packed_policy(module, info.device, parallel)
         self.reshard_after_forward = parallel.reshard_after_forward
-        self.optimizer = build_adamw(module.parameters(), optim, info.device)
+        self.adamw = AdamWUpdate(module, optim, info.device)  # after sharding: the optimizer holds shards
+        self.optimizer = self.adamw.optimizer
 
     # the update
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
@@ -109,14 +119,11 @@ class FSDP2Engine(RankCollectives, LocalEngine):
         # normalization, so the wanted gradient is the *sum*: scale by W (exact for powers of two).
         (loss * self.world_size).backward()
 
-    def clip_grad_norm(self, max_norm: float | None) -> float:
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"), foreach=True)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return float(norm)
+    def optimizer_step(self, lr: float, max_grad_norm: float | None, loss: float) -> StepResult:
+        return self.adamw.step(lr, max_grad_norm, loss)
 
     @contextlib.contextmanager
-    def generation(self):
+    def generation(self) -> Iterator[None]:
         """Full parameters on every rank, no collective inside (module docstring)."""
         for unit in self.units:
             unit.set_reshard_after_forward(False)

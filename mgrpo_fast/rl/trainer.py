@@ -9,7 +9,7 @@ One training step (``train_step``)::
                          global per-sequence loss weights (``mgrpo_fast.rl.update``)
     logprobs             old log-probs (μ > 1) and reference log-probs (β > 0), once per step
     forward_backward     per micro-batch: decoder -> loss rows -> fused GRPO loss -> backward
-    optimizer_step       grad clip, AdamW, LR schedule (μ times per step)
+    optimizer_step       LR schedule, the engine's clip + AdamW step (μ times per step)
 
 Everything random is a function of ``(seed, step)``: the questions (``train_data.QuestionOrder``),
 the sampling seeds of both layers, the selection and the guiding phrases. With the model, the AdamW
@@ -20,7 +20,6 @@ Metrics go to ``{run_dir}/metrics.jsonl`` (and TensorBoard / wandb) on rank 0.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import time
@@ -43,7 +42,7 @@ from mgrpo_fast.data.train_data import (
 from mgrpo_fast.engines.base import NonFiniteLossError
 from mgrpo_fast.engines.distributed import init_distributed
 from mgrpo_fast.engines.factory import make_engine, make_reference
-from mgrpo_fast.engines.local import lr_at
+from mgrpo_fast.engines.optim import lr_at
 from mgrpo_fast.packing.planner import plan_microbatches
 from mgrpo_fast.rl import layers as mgrpo
 from mgrpo_fast.rl.checkpoint import latest_checkpoint, load_run_checkpoint, save_run_checkpoint
@@ -58,7 +57,7 @@ from mgrpo_fast.rl.update import MetricSums, PackedPolicy, global_sequence_weigh
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MGRPOTrainer", "NonFiniteLossError"]
+__all__ = ["MGRPOTrainer", "NonFiniteLossError", "lr_at"]
 
 _DTYPES = {
     "auto": torch.float32,
@@ -313,8 +312,9 @@ class MGRPOTrainer:
         return self.engine.all_reduce([float(total)])[0]
 
     def optimizer_step(self, loss: float) -> dict[str, float]:
-        """Clip, step AdamW at the scheduled LR and clear the gradients; an update whose loss or global
-        gradient norm is NaN/Inf is skipped (the same decision on every rank)."""
+        """The engine's clip + AdamW step at the scheduled LR (it skips a NaN/Inf update, the same
+        decision on every rank); stops the run after ``train.max_nonfinite_updates`` skips in a row.
+        ``loss``: the update's all-rank loss. Returns the update's ``grad_norm``, ``lr``, ``skipped``."""
         o, t = self.config.optim, self.config.train
         mu = self.config.loss.mu
         lr = lr_at(
@@ -325,13 +325,8 @@ class MGRPOTrainer:
             schedule=o.schedule,
             min_ratio=o.min_lr_ratio,
         )
-        ok = math.isfinite(loss)
-        # Local / FSDP2: clip here and test the norm before stepping; DeepSpeed clips inside step().
-        norm = self.engine.clip_grad_norm(o.grad_clip) if ok else float("nan")
-        ok = ok and (norm is None or math.isfinite(norm))
-        if ok:
-            stepped = self.engine.step(lr)
-            norm = stepped if norm is None else norm
+        result = self.engine.optimizer_step(lr, o.grad_clip, loss)
+        if not result.skipped:
             self.nonfinite_in_a_row = 0
         else:
             self.nonfinite_in_a_row += 1
@@ -340,7 +335,7 @@ class MGRPOTrainer:
                 "hold NaN/Inf; this update is skipped",
                 self.step + 1,
                 loss,
-                norm,
+                result.grad_norm,
             )
             if self.nonfinite_in_a_row >= t.max_nonfinite_updates:
                 raise NonFiniteLossError(
@@ -348,10 +343,8 @@ class MGRPOTrainer:
                     f"(train.max_nonfinite_updates={t.max_nonfinite_updates}); stopping at step "
                     f"{self.step + 1}. Lower optim.lr, check the data, or resume from the last checkpoint"
                 )
-            self.engine.skip_update()
-        self.engine.zero_grad()
         self.updates += 1
-        return {"grad_norm": norm, "lr": lr, "skipped": 0.0 if ok else 1.0}
+        return {"grad_norm": result.grad_norm, "lr": result.lr, "skipped": float(result.skipped)}
 
     def update(self, batch: mgrpo.TrainingBatch, timings: dict[str, float]) -> dict[str, float]:
         """μ optimizer updates on one rollout batch; returns the ``train/*`` metrics."""

@@ -1,91 +1,22 @@
-"""torchrun with 2 ranks on CPU (gloo): FSDP2 and DeepSpeed ZeRO against one process, full MGRPO runs,
-kill-and-resume, and a rank with no questions. Each case launches real processes (~10 s each)."""
+"""torchrun with 2 ranks on CPU (gloo), FSDP2 and DeepSpeed ZeRO: full MGRPO runs, kill-and-resume, and
+a rank with no questions. Each case launches real processes (~10 s each). The engines' update against
+one process is test_engine_contract.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import CHATML, byte_tokenizer
-from safetensors.torch import load_file
+from torchrun_jobs import TIMEOUT, env, exported_weights, kill_tree, needs_deepspeed, run, torchrun
 from trainer_helpers import save_tiny_model
 
-REPO = Path(__file__).resolve().parents[2]
 HELPERS = str(Path(__file__).parents[1] / "trainer_helpers.py")
-ENGINES = [
-    "fsdp2",
-    pytest.param(
-        "deepspeed",
-        marks=pytest.mark.skipif(
-            __import__("importlib").util.find_spec("deepspeed") is None, reason="deepspeed not installed"
-        ),
-    ),
-]
-TIMEOUT = 240
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
-    return env
-
-
-def _torchrun(*args: str, nproc: int = 2) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        *args,
-    ]
-
-
-def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(
-        cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:  # a hang: kill torchrun *and* its workers, then fail
-        _kill_tree(proc.pid)
-        stdout, stderr = proc.communicate()
-        pytest.fail(
-            f"timed out after {TIMEOUT} s (a collective mismatch?): {' '.join(cmd)}\n{stderr[-4000:]}"
-        )
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and every descendant (torchrun's workers live in their own process groups)."""
-    tree, frontier = [pid], [pid]
-    while frontier:
-        out = subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", ",".join(map(str, frontier))], capture_output=True, text=True
-        ).stdout.split()
-        frontier = [int(p) for p in out]
-        tree += frontier
-    for p in tree:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + 30
-    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in tree[1:]):
-        time.sleep(0.05)
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
+ENGINES = ["fsdp2", pytest.param("deepspeed", marks=needs_deepspeed)]
 
 
 @pytest.fixture(scope="module")
@@ -136,26 +67,11 @@ def _train_args(
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_one_update_on_two_ranks_equals_one_process(model_dir, tmp_path, engine):
-    worker = str(REPO / "tests" / "dist_update_worker.py")
-    _run([sys.executable, worker, model_dir, str(tmp_path / "one"), engine], tmp_path)
-    _run(_torchrun(worker, model_dir, str(tmp_path / "two"), engine), tmp_path)
-    one, two, base = (
-        _weights(tmp_path / "one/final"),
-        _weights(tmp_path / "two/final"),
-        _weights(Path(model_dir)),
-    )
-    assert max(float((one[k] - base[k]).abs().max()) for k in one) > 1e-3  # the update moved the weights
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
-
-
-@pytest.mark.parametrize("engine", ENGINES)
 def test_mgrpo_on_two_ranks_with_kill_and_resume(tmp_path, engine):
     """3 MGRPO steps of the embedded default (bundled model and task) on 2 ranks; SIGKILL and resume."""
     model_dir = data_file = None
     full = tmp_path / "full"
-    _run(_torchrun(*_train_args(model_dir, data_file, full, engine)), tmp_path)
+    run(torchrun(*_train_args(model_dir, data_file, full, engine)), tmp_path)
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["layer1/groups"] == 3.0 and r["layer2/pairs"] == 6.0 for r in records)  # merged over ranks
@@ -163,11 +79,11 @@ def test_mgrpo_on_two_ranks_with_kill_and_resume(tmp_path, engine):
 
     # the same run killed (SIGKILL to every process) once its step-2 checkpoint exists, then resumed
     part = tmp_path / "part"
-    cmd = _torchrun(*_train_args(model_dir, data_file, part, engine, "--train.total_steps=40"))
+    cmd = torchrun(*_train_args(model_dir, data_file, part, engine, "--train.total_steps=40"))
     proc = subprocess.Popen(
         cmd,
         cwd=tmp_path,
-        env=_env(),
+        env=env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -176,29 +92,29 @@ def test_mgrpo_on_two_ranks_with_kill_and_resume(tmp_path, engine):
     deadline = time.time() + TIMEOUT
     while not (ckpt / "trainer_state.json").is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    _kill_tree(proc.pid)
+    kill_tree(proc.pid)
     proc.wait()
     assert (ckpt / "trainer_state.json").is_file()
-    _run(_torchrun(*_train_args(model_dir, data_file, part, engine, f"--checkpoint.resume={ckpt}")), tmp_path)
-    a, b = _weights(full / "final"), _weights(part / "final")
+    run(torchrun(*_train_args(model_dir, data_file, part, engine, f"--checkpoint.resume={ckpt}")), tmp_path)
+    a, b = exported_weights(full / "final"), exported_weights(part / "final")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_rank_without_questions_does_not_hang(model_dir, data_file, tmp_path, engine):
-    run = tmp_path / "run"
+    run_dir = tmp_path / "run"
     args = _train_args(
         model_dir,
         data_file,
-        run,
+        run_dir,
         engine,
         "--train.questions_per_step=1",
         "--train.total_steps=2",
         "--eval.at_end=true",
         "--eval.num_problems=1",
     )
-    _run(_torchrun(*args), tmp_path)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    run(torchrun(*args), tmp_path)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["layer1/groups"] for r in records if "layer1/groups" in r] == [1.0, 1.0]
     assert records[-1]["eval/num_problems"] == 1.0
