@@ -15,6 +15,8 @@ from mgrpo_fast.config.run import TrainConfig, equal_budget_group_size
 from mgrpo_fast.config.sections import Layer1Config, Layer2Config, LossConfig, parse_selection
 from mgrpo_fast.ops.options import LossOptions
 
+NO_GROUP = "a group of one has zero advantage: its reward is its own mean, so it never trains"
+
 REPO = Path(__file__).resolve().parents[2]
 PAPER_PHRASES = (
     "Wait, let me double-check that.",
@@ -137,7 +139,7 @@ def test_help_lists_every_key_with_type_default_allowed_values_and_doc(capsys):
     assert out.startswith("usage:")
     assert "  optim.lr: float = 1.0e-06  [> 0]\n      AdamW peak learning rate.\n" in out
     assert "  parallel.zero_stage: int = 2  [2, 3]\n" in out
-    assert "  layer1.group_size: int | 'auto' | null = auto  [>= 1]\n" in out
+    assert "  layer1.group_size: int | 'auto' | null = auto  [>= 2]\n" in out
     assert "  train.packing_balance: str = attention  [attention, tokens]\n" in out
     for cls in sections():
         for f in dataclasses.fields(cls):
@@ -162,9 +164,9 @@ def test_example_configs_load_at_equal_budget():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("layer2.group_size=0", "layer2.group_size: expected an integer >= 1, got 0"),
+        ("layer2.group_size=0", f"layer2.group_size: expected an integer >= 2 ({NO_GROUP}), got 0"),
         ("layer2.group_size=four", "layer2.group_size: expected an integer, got 'four'"),
-        ("layer1.group_size=0", "layer1.group_size: expected an integer >= 1, got 0"),
+        ("layer1.group_size=0", f"layer1.group_size: expected an integer >= 2 ({NO_GROUP}), got 0"),
         ("layer1.group_size=many", "layer1.group_size: expected an integer or 'auto' or null, got 'many'"),
         ("layer2.selection=sample:0", "layer2.selection: expected 'all', 'wrong_only' or 'sample:k'"),
         ("layer2.selection=some", "layer2.selection: expected 'all', 'wrong_only' or 'sample:k'"),
@@ -220,7 +222,8 @@ def test_bad_values_name_the_field_path(override, message):
 
 
 def test_direct_construction_validates():
-    assert error_of(Layer2Config, group_size=0) == "layer2.group_size: expected an integer >= 1, got 0"
+    expected = f"layer2.group_size: expected an integer >= 2 ({NO_GROUP}), got 0"
+    assert error_of(Layer2Config, group_size=0) == expected
     text = error_of(TrainConfig, layer2={"group_size": "4"})
     assert text == "layer2.group_size: expected an integer, got '4'"
     assert error_of(TrainConfig, algo="grpo", layer2=Layer2Config(enabled=True)).startswith("layer2.enabled:")
@@ -245,7 +248,8 @@ def test_file_errors_give_file_and_line(tmp_path):
     path = write(tmp_path, "algo: mgrpo\noptim:\n  lr: [1, 2\nlayer2: x\n")
     assert error_of(load_config, path, []).startswith(f"{path}:4:7: invalid YAML: ")
     path = write(tmp_path, "algo: mgrpo\nlayer2:\n  selection: all\n  group_size: 0\n")
-    assert error_of(load_config, path, []) == f"{path}:4: layer2.group_size: expected an integer >= 1, got 0"
+    expected = f"{path}:4: layer2.group_size: expected an integer >= 2 ({NO_GROUP}), got 0"
+    assert error_of(load_config, path, []) == expected
     path = write(tmp_path, "optim:\n  betas: [0.9, 2]\n")
     text = error_of(load_config, path, [])
     assert text.startswith(f"{path}:2: optim.betas: expected a number >= 0 and < 1")
@@ -270,7 +274,8 @@ OLD_OPTIM_KEYS = {
 
 
 def test_the_moved_keys_are_the_train_section():
-    assert MOVED_KEYS == {f"optim.{k}": f"train.{k}" for k in OLD_OPTIM_KEYS}
+    moved_to_train = {f"optim.{k}": f"train.{k}" for k in OLD_OPTIM_KEYS}
+    assert MOVED_KEYS == {**moved_to_train, "data.eval_limit": "eval.num_problems"}
     train = {f.name for f in dataclasses.fields(TrainConfig().train)}
     optim = {f.name for f in dataclasses.fields(TrainConfig().optim)}
     assert train == set(OLD_OPTIM_KEYS) and not train & optim
