@@ -291,7 +291,7 @@ def test_a_second_signal_stops_at_once(model_dir, train_file, tmp_path):
         run,
         "--train.total_steps=1000",
         "--checkpoint.every=1000",
-        "--rollout.max_new_tokens=400",  # long steps: the second signal arrives mid-step
+        "--rollout.max_new_tokens=300",  # long steps: the second signal arrives mid-step
     )
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(run, proc, 1)
