@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import random
-import time
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from timing import best_of
 
 from mgrpo_fast.packing import planner as packing
 from mgrpo_fast.packing import planner_python as _packing_python
@@ -176,31 +176,27 @@ def test_cpp_without_extension_raises(monkeypatch):
     assert first_fit_decreasing([1, 2], 4, impl="auto") == [0, 0]  # auto falls back to Python
 
 
-def _best_of(n: int, fn) -> float:
-    best = float("inf")
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def _random_lengths(n: int, seed: int = 0) -> list[int]:
     rng = random.Random(seed)
     return [rng.randint(1, 8192) for _ in range(n)]
 
 
 @needs_ext
-def test_cpp_speed_100k():
-    lengths = _random_lengths(100_000)
+def test_cpp_is_faster_than_python():
+    # Measured side by side in one process (a ratio, not a wall-time bound: CI machines are shared).
+    # The C++ planner measured ~100x faster than the Python twin on 20k items; 5x leaves room for noise.
+    lengths = _random_lengths(20_000)
     ext = load_extension()
-    seconds = _best_of(3, lambda: ext.first_fit_decreasing(lengths, 32768))
-    assert seconds < 0.050, f"C++ first_fit_decreasing took {seconds * 1e3:.1f} ms for 100k items"
+    cpp = best_of(3, lambda: ext.first_fit_decreasing(lengths, 32768))
+    python = best_of(3, lambda: first_fit_decreasing_python(lengths, 32768))
+    assert python / cpp > 5.0, f"C++ {cpp * 1e3:.1f} ms vs Python {python * 1e3:.1f} ms on 20k items"
 
 
-def test_python_speed_100k():
-    # Guard against an accidental O(n * bins) Python fallback (that would take minutes); the target is
-    # < 2 s, the bound is loose because CI machines are small and shared.
-    lengths = _random_lengths(100_000)
-    seconds = _best_of(1, lambda: first_fit_decreasing_python(lengths, 32768))
-    assert seconds < 6.0, f"Python first_fit_decreasing took {seconds:.2f} s for 100k items"
+def test_python_planner_is_not_quadratic():
+    # Guard against an accidental O(n * bins) Python fallback: with ~8 items per bin, 4x the items
+    # costs ~4.6x time at O(n log n) but ~16x at O(n * bins). Both sizes timed side by side.
+    small = _random_lengths(5_000)
+    large = _random_lengths(20_000, seed=1)
+    t_small = best_of(3, lambda: first_fit_decreasing_python(small, 32768))
+    t_large = best_of(3, lambda: first_fit_decreasing_python(large, 32768))
+    assert t_large / t_small < 10.0, f"4x the items took {t_large / t_small:.1f}x the time"

@@ -7,13 +7,13 @@ import gc
 import logging
 import random
 import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from timing import best_of
 
 from mgrpo_fast.packing import planner as packing
 from mgrpo_fast.packing.extension import has_extension
@@ -466,30 +466,30 @@ def test_cpp_threads():
     assert results == expected
 
 
-def _best_of(n: int, fn) -> float:
-    best = float("inf")
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 @needs_ext
 @pytest.mark.parametrize(("world_size", "balance"), [(8, "attention"), (64, "tokens")])
-def test_cpp_speed_100k(world_size, balance):
-    lengths = rollout_lengths(100_000, 0)
-    plan = lambda: plan_microbatches(  # noqa: E731
-        lengths, max_tokens_per_microbatch=16384, world_size=world_size, balance=balance, impl="cpp"
-    )
-    seconds = _best_of(3, plan)
-    assert seconds < 0.050, f"C++ plan_microbatches took {seconds * 1e3:.1f} ms for 100k sequences"
+def test_cpp_planner_is_faster_than_python(world_size, balance):
+    # Side by side in one process (a ratio: CI machines are shared). Measured 50-79x faster than the
+    # Python twin on 20k sequences; 5x leaves room for noise.
+    lengths = rollout_lengths(20_000, 0)
+
+    def plan(impl: str):
+        return lambda: plan_microbatches(
+            lengths, max_tokens_per_microbatch=16384, world_size=world_size, balance=balance, impl=impl
+        )
+
+    cpp, python = best_of(3, plan("cpp")), best_of(3, plan("python"))
+    assert python / cpp > 5.0, f"C++ {cpp * 1e3:.1f} ms vs Python {python * 1e3:.1f} ms on 20k sequences"
 
 
-def test_python_speed_100k():
-    # Guard against an accidental quadratic Python fallback; it takes about 1 s here.
-    lengths = rollout_lengths(100_000, 0)
-    seconds = _best_of(
-        1, lambda: plan_microbatches(lengths, max_tokens_per_microbatch=16384, world_size=8, impl="python")
-    )
-    assert seconds < 10.0, f"Python plan_microbatches took {seconds:.2f} s for 100k sequences"
+def test_python_planner_is_not_quadratic():
+    # Guard against an accidental quadratic Python fallback: 4x the sequences must cost well under
+    # 16x the time (measured ~5x). Both sizes timed side by side.
+    def plan(n: int):
+        lengths = rollout_lengths(n, 0)
+        return lambda: plan_microbatches(
+            lengths, max_tokens_per_microbatch=16384, world_size=8, impl="python"
+        )
+
+    small, large = best_of(3, plan(5_000)), best_of(3, plan(20_000))
+    assert large / small < 10.0, f"4x the sequences took {large / small:.1f}x the time"
