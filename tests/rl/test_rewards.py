@@ -371,7 +371,7 @@ def test_pool_hang_times_out_and_scorer_keeps_working(pool_scorer):
     t0 = time.monotonic()
     r = pool_scorer.score(completions, ["5", "5", "5"])
     elapsed = time.monotonic() - t0
-    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 3.0, elapsed  # really interrupted, not 60 s
+    assert TIMEOUT_S <= elapsed < 30.0, elapsed  # really interrupted (the hang sleeps 60 s); slack for load
     assert r.num_timeouts == 1 and r.timeouts_per_fn["maybe_hang"] == 1 and r.num_errors == 0
     assert r.components["maybe_hang"].tolist() == [1.0, 0.0, 1.0]
     # the other functions of the hanging item still scored
