@@ -198,6 +198,17 @@ def decoder_of(model: PreTrainedModel) -> torch.nn.Module:
     return decoder
 
 
+def tied_parameter_aliases(model: torch.nn.Module) -> set[str]:
+    """State-dict names under which an already named parameter appears again: the ``lm_head.weight``
+    of a model with tied embeddings (Gemma, Qwen2.5-0.5B, Llama 3.2 1B, SmolLM2, ...).
+
+    ``save_pretrained`` drops them by itself, except when it is handed an explicit ``state_dict`` of
+    gathered copies (the sharded engines' exports), where the tie is no longer visible; those drop
+    these names so the export holds each weight once, as a one-process export does."""
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return every - {name for name, _ in model.named_parameters()}
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
