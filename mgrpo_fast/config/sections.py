@@ -91,7 +91,9 @@ class DataConfig(Section):
     format: str = setting(
         "auto",
         choices=("auto", *FORMATS),
-        doc="Field names of the files: auto (guessed per file), gsm8k or math.",
+        doc="Field names of the files: auto (guessed per file from its first row), gsm8k (question, answer "
+        "with '#### n'), math (problem, solution with \\boxed{}) or prompt_answer (prompt, answer = the "
+        "final answer as it is); data.*_field rename the columns.",
     )
     file_type: str = setting("auto", choices=("auto", "jsonl", "parquet"), doc="auto = by file extension.")
     question_field: str | None = setting(None, doc="Column holding the question; null = the format's name.")
