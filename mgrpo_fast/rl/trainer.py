@@ -137,6 +137,7 @@ class MGRPOTrainer:
         m = self.config.model
         model = load_policy(
             path or default_model_path(),
+            gguf_file=m.gguf_file if path == m.path else None,
             dtype=_DTYPES[m.dtype],
             device=self.device,
             attn_implementation=m.attn_implementation,
@@ -148,9 +149,11 @@ class MGRPOTrainer:
         return model
 
     def _load_tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
+        from mgrpo_fast.models.checkpoints import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(self.config.model.tokenizer_path or default_model_path())
+        m = self.config.model
+        gguf_file = m.gguf_file if m.tokenizer_path == m.path else None
+        return load_tokenizer(m.tokenizer_path or default_model_path(), gguf_file)
 
     def _autocast_dtype(self) -> torch.dtype | None:
         mp = self.config.parallel.mixed_precision
@@ -240,6 +243,7 @@ class MGRPOTrainer:
                     phrases=l2.guiding_phrases,
                     separator=l2.separator,
                     rng=random.Random(self._seed(step, 4)),
+                    guiding_turn=l2.guiding_turn,
                 )
             timings["rollout"] += time.perf_counter() - t
             out.scores2 = self.score(out.layer2, timings, first_correct=out.scores1.correct)
@@ -420,6 +424,7 @@ class MGRPOTrainer:
                 batch_size=cfg.rollout.batch_size,
                 guiding_phrase=ev.guiding_phrase or cfg.layer2.guiding_phrases[0],
                 separator=cfg.layer2.separator,
+                guiding_turn=cfg.layer2.guiding_turn,
                 seed=ev.seed,
                 system_prompt=cfg.data.system_prompt,
                 template=cfg.data.template,
