@@ -89,10 +89,17 @@ def end_of_turn_token(tokenizer: Any) -> int | None:
     if at < 0:
         return None
     rest = text[at + len(_SENTINEL) :]
-    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) or [] if t and rest.startswith(t)]
-    if not specials:
+    # the named special tokens, and every added token marked special (a tokenizer read from a GGUF file
+    # names only BOS/EOS/UNK/PAD, yet marks <|im_end|> and the like special)
+    named = getattr(tokenizer, "all_special_tokens", None) or []
+    specials = {t: tokenizer.convert_tokens_to_ids(t) for t in named}
+    for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            specials[getattr(added, "content", str(added))] = token_id
+    found = [t for t in specials if t and rest.startswith(t)]
+    if not found:
         return None
-    token_id = tokenizer.convert_tokens_to_ids(max(specials, key=len))
+    token_id = specials[max(found, key=len)]
     return None if token_id is None or token_id == getattr(tokenizer, "unk_token_id", None) else int(token_id)
 
 
