@@ -142,3 +142,46 @@ def test_stop_tokens_collect_every_eos_of_the_model(tmp_path):
     assert stop_token_ids(model, bpe_tokenizer(None), extra=[7]) == [2, 3, 0, 7]  # no template
     model.generation_config.eos_token_id = None
     assert stop_token_ids(model, tokenizer) == [2, 0, 3]  # the template's <|eot|> is found by itself
+
+
+# --------------------------------------------------------------------------------------------
+# A run from a GGUF file
+# --------------------------------------------------------------------------------------------
+def test_mgrpo_run_from_a_gguf_file_exports_safetensors(llama_and_gguf, tmp_path):
+    """Two MGRPO steps from the Q8_0 file (tokenizer and chat template from it too), layer 2 as the
+    next user turn, on the prompt/answer fixture; the export is a plain safetensors checkpoint."""
+    from mgrpo_fast.config.loading import load_config
+    from mgrpo_fast.rl.trainer import MGRPOTrainer
+
+    _, _, files = llama_and_gguf
+    data = Path(__file__).parents[1] / "data" / "fixtures" / "prompt_answer.jsonl"
+    helpers = Path(__file__).parents[1] / "trainer_helpers.py"
+    run = tmp_path / "run"
+    cfg = load_config(
+        None,
+        [
+            f"--model.path={Path(files['Q8_0']).parent}", f"--model.gguf_file={Path(files['Q8_0']).name}",
+            f"--data.train_files=['{data}']", "--data.instruction=null", f"--logging.run_dir={run}",
+            "--logging.tensorboard=false", "--logging.progress=false", "--rollout.max_new_tokens=6",
+            "--layer1.mgrpo_group_size=2", "--layer2.group_size=2", "--layer2.selection=sample:1",
+            "--layer2.guiding_turn=user", "--optim.questions_per_step=2", "--optim.total_steps=2",
+            "--optim.lr=1e-3", f"--reward.functions={{'{helpers}:parity_reward': 1.0}}",
+            "--reward.num_workers=0", "--eval.at_end=false", "--checkpoint.every=0",
+        ],
+    )  # fmt: skip
+    trainer = MGRPOTrainer(cfg)
+    assert trainer.tokenizer.chat_template == CHATML and 2 in trainer.backend.eos_token_ids
+    before = trainer.policy.model.layers[0].mlp.up_proj.weight.detach().clone()
+    layer2 = trainer.rollout(1, {"rollout": 0.0, "scoring": 0.0}).layer2  # a pure function of the step
+    correction = trainer.tokenizer.decode(layer2.corrections[0].prompt_ids)
+    assert "<|im_end|>\n<|im_start|>user\n" in correction and correction.endswith("<|im_start|>assistant\n")
+    trainer.train()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and records[-1]["layer2/pairs"] == 2.0
+    final = run / "final"
+    assert (final / "model.safetensors").is_file()
+    assert "quantization_config" not in (final / "config.json").read_text()
+    exported = load_policy(final, dtype="fp32", device="cpu")
+    assert not torch.equal(exported.model.layers[0].mlp.up_proj.weight, before)  # trained, then exported
+    trained = trainer.policy.model.layers[0].mlp.up_proj.weight
+    torch.testing.assert_close(exported.model.layers[0].mlp.up_proj.weight, trained)
