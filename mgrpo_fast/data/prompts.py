@@ -41,6 +41,7 @@ __all__ = [
     "build_prompt",
     "build_prompt_ids",
     "choose_guiding_phrase",
+    "guiding_tail",
     "has_chat_template",
 ]
 
@@ -199,6 +200,25 @@ def _user_turn_tail(problem, phrase: str, tokenizer: Any, system_prompt, instruc
     return text[at + len(_ANSWER_SENTINEL) :]
 
 
+def guiding_tail(
+    problem: Problem | str,
+    guiding_phrase: str,
+    tokenizer: Any,
+    *,
+    separator: str = "\n\n",
+    system_prompt: str | None = None,
+    template: str = "chat",
+    instruction: str | None = DEFAULT_INSTRUCTION,
+    guiding_turn: str = "assistant",
+) -> str:
+    """The text of the layer-2 input after o_i: ``separator + phrase`` (``guiding_turn="assistant"``, or
+    no chat template), or the chat template's end of the assistant turn, the phrase as a user turn and
+    the next assistant header (``"user"``). Its token count is part of the context a question needs."""
+    if guiding_turn == "user" and template == "chat" and has_chat_template(tokenizer):
+        return _user_turn_tail(problem, guiding_phrase, tokenizer, system_prompt, instruction)
+    return separator + guiding_phrase
+
+
 def build_correction_prompt(
     problem: Problem | str,
     first_answer: str | None,
@@ -259,10 +279,16 @@ def build_correction_prompt(
     else:
         _, a_text = _strip_trailing_special(tokenizer, [], first_answer)
         a_ids = _encode(tokenizer, a_text, add_special_tokens=False)
-    if guiding_turn == "user" and chat:
-        tail = _user_turn_tail(problem, guiding_phrase, tokenizer, system_prompt, instruction)
-    else:
-        tail = separator + guiding_phrase
+    tail = guiding_tail(
+        problem,
+        guiding_phrase,
+        tokenizer,
+        separator=separator,
+        system_prompt=system_prompt,
+        template=template,
+        instruction=instruction,
+        guiding_turn=guiding_turn,
+    )
     p_ids = _encode(tokenizer, tail, add_special_tokens=False)
     return CorrectionPrompt(
         text=prefix + a_text + tail,

@@ -31,6 +31,7 @@ import torch
 
 from mgrpo_fast.config.run import TrainConfig
 from mgrpo_fast.data.problems import Problem
+from mgrpo_fast.data.prompts import guiding_tail
 from mgrpo_fast.data.train_data import (
     QuestionOrder,
     default_model_path,
@@ -177,16 +178,19 @@ class MGRPOTrainer:
         a layer-1 prompt plus T1, and for MGRPO plus the first answer, the phrase and T2."""
         cfg = self.config
         limit = cfg.data.max_prompt_tokens
+        d = cfg.data
+        options = dict(system_prompt=d.system_prompt, template=d.template, instruction=d.instruction)
         context = getattr(self.policy.config, "max_position_embeddings", None)
         if context:
             room = context - cfg.rollout.max_new_tokens
             if cfg.algo == "mgrpo":
                 l2 = cfg.layer2
-                phrase = max(len(self.tokenizer.encode(l2.separator + p)) for p in l2.guiding_phrases)
+                turn = dict(separator=l2.separator, guiding_turn=l2.guiding_turn, **options)
+                # the phrase as a continuation, or as a user turn with the template's turn markers
+                tails = (guiding_tail("q", p, self.tokenizer, **turn) for p in l2.guiding_phrases)
+                phrase = max(len(self.tokenizer.encode(t, add_special_tokens=False)) for t in tails)
                 room -= cfg.rollout.max_new_tokens + phrase + l2.max_new_tokens
             limit = room if limit is None else min(limit, room)
-        d = cfg.data
-        options = dict(system_prompt=d.system_prompt, template=d.template, instruction=d.instruction)
         return drop_overlong_prompts(
             problems, self.tokenizer, limit=limit, mode=d.overlong, source=source, prompt_options=options
         )
