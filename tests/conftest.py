@@ -216,3 +216,32 @@ def byte_tokenizer(chat_template: str | None):
         additional_special_tokens=["<|im_start|>"],
         chat_template=chat_template,
     )
+
+
+# A byte-level BPE with real merges (trained here on a few lines, no download): numbers, words and
+# LaTeX split into multi-character tokens, and a multi-byte character spans several byte tokens.
+# Specials: <|endoftext|> (0, pad/bos), <|im_start|> (1), <|im_end|> (2, EOS), <|eot|> (3).
+BPE_CORPUS = [
+    "The answer is 19. So 7 + 12 = 19 and 30 - 12 = 18, then 3 * 8 = 24 and 100 / 4 = 25.",
+    "Natürlich: the final answer is \\boxed{19}. Wait, let me double-check that. Yes, \\boxed{18}.",
+    "Mia has 7 apples. She buys 12 more. How many apples does she have now? 7 + 12 = 19 apples.",
+]
+
+
+def bpe_tokenizer(chat_template: str | None = CHATML, vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|eot|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )  # fmt: skip
+    tok.train_from_iterator(BPE_CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|eot|>"], chat_template=chat_template,
+    )  # fmt: skip

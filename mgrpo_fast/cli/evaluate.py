@@ -30,13 +30,13 @@ def _parser() -> argparse.ArgumentParser:
         "--model",
         action="append",
         default=None,
-        help="a save_pretrained directory (repeat to compare several); default: the bundled model",
+        help="a save_pretrained directory or a .gguf file (repeat to compare); default: the bundled model",
     )
     p.add_argument(
         "--data",
         nargs="*",
         default=None,
-        help="JSONL/Parquet eval files (GSM8K/MATH style); default: the bundled task's test split",
+        help="JSONL/Parquet eval files (GSM8K, MATH or prompt/answer style); default: the bundled test split",
     )
     p.add_argument("--num-problems", type=int, default=200, help="the first n problems (default 200)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="per pass (default: the bundled task's)")
@@ -57,14 +57,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``mgrpo-eval``: evaluate each ``--model`` and print the table (and JSON with ``--json``)."""
-    from transformers import AutoTokenizer
-
     from mgrpo_fast.data.train_data import (
         bundled_task_spec,
         default_max_new_tokens,
         default_model_path,
         load_eval_problems,
     )
+    from mgrpo_fast.models.checkpoints import load_tokenizer
     from mgrpo_fast.models.policy import load_policy
     from mgrpo_fast.rl.rollout.hf import HFGenerateBackend
 
@@ -80,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, TwoPassResult] = {}
     for path in args.model or [default_model_path()]:
         model = load_policy(path, dtype="float32", device=device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)  # a save_pretrained directory or a .gguf file
         backend = HFGenerateBackend(model, tokenizer)
         results[path] = evaluate_two_pass(
             problems,

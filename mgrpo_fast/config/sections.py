@@ -20,7 +20,7 @@ from mgrpo_fast.config.fields import (
     setting,
 )
 from mgrpo_fast.data.problems import FORMATS
-from mgrpo_fast.data.prompts import DEFAULT_GUIDING_PHRASES, DEFAULT_INSTRUCTION
+from mgrpo_fast.data.prompts import DEFAULT_GUIDING_PHRASES, DEFAULT_INSTRUCTION, GUIDING_TURNS
 from mgrpo_fast.ops.dispatch import IMPLS
 from mgrpo_fast.ops.options import (
     ADVANTAGE_SCALES,
@@ -44,7 +44,14 @@ class ModelConfig(Section):
 
     _section = "model"
     path: str | None = setting(
-        None, doc="Local save_pretrained directory of the policy; null = the bundled tiny demo model."
+        None,
+        doc="Local checkpoint of the policy: a save_pretrained directory (sharded or not), a directory "
+        "holding model.gguf_file, or a .gguf file; null = the bundled tiny demo model.",
+    )
+    gguf_file: str | None = setting(
+        None,
+        doc="The GGUF file inside model.path, dequantized to model.dtype (also the tokenizer's and the "
+        "reference's source when they come from model.path); null = none.",
     )
     tokenizer_path: str | None = setting(None, doc="Tokenizer directory; null = model.path.")
     dtype: str = setting(
@@ -91,7 +98,9 @@ class DataConfig(Section):
     format: str = setting(
         "auto",
         choices=("auto", *FORMATS),
-        doc="Field names of the files: auto (guessed per file), gsm8k or math.",
+        doc="Field names of the files: auto (guessed per file from its first row), gsm8k (question, answer "
+        "with '#### n'), math (problem, solution with \\boxed{}) or prompt_answer (prompt, answer = the "
+        "final answer as it is); data.*_field rename the columns.",
     )
     file_type: str = setting("auto", choices=("auto", "jsonl", "parquet"), doc="auto = by file extension.")
     question_field: str | None = setting(None, doc="Column holding the question; null = the format's name.")
@@ -206,7 +215,16 @@ class Layer2Config(Section):
         DEFAULT_GUIDING_PHRASES,
         doc="One is drawn at random per (question, first answer); default: the five of docs/algorithm.md.",
     )
-    separator: str = setting("\n\n", doc="Text between the first answer and the guiding phrase.")
+    guiding_turn: str = setting(
+        "assistant",
+        choices=GUIDING_TURNS,
+        doc="Where the guiding phrase goes: assistant (it continues the first answer's turn and the model "
+        "continues after it) or user (the first answer's turn is closed, the phrase is the next user "
+        "turn, the model answers in a new assistant turn; needs a chat template, else assistant).",
+    )
+    separator: str = setting(
+        "\n\n", doc="Text between the first answer and the guiding phrase (guiding_turn: assistant)."
+    )
     shaping_alpha: float = setting(
         0.0, ge=0, doc="SCoRe-style shaping: +alpha for wrong -> right, -alpha for right -> wrong; 0 = off."
     )

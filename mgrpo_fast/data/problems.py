@@ -1,12 +1,30 @@
-"""Math problem loaders: JSONL and Parquet files of GSM8K-style or MATH-style rows -> :class:`Problem`.
+"""Math problem loaders: JSONL and Parquet files of GSM8K-style, MATH-style or prompt/answer rows ->
+:class:`Problem`.
 
-:func:`load_problems` reads GSM8K-style rows (``question``, ``answer`` with ``#### n``) and
-MATH-style rows (``problem``, ``solution`` with ``\\boxed{}``, optionally ``answer``) into
-:class:`Problem` objects; the style is detected per file from its first row, or forced with
-``format=``, and every field name is configurable. A bad file gets a :class:`DataError` naming the file
-and the 1-based line (JSONL) or row (Parquet): an empty file, bytes that are not UTF-8 (with the byte
-offset), invalid JSON, a row that is not an object, a missing or empty field, an answer with no
-extractable final answer.
+:func:`load_problems` reads three row styles into :class:`Problem` objects; the style is detected per
+file from its first row, or forced with ``format=``, and every column name is configurable
+(``question_field``, ``answer_field``, ``solution_field``, ``id_field``; defaults in the table):
+
+=================  ============  ===================================  ==================================
+format             question      answer                               solution
+=================  ============  ===================================  ==================================
+``gsm8k``          ``question``  ``answer``: a solution ending in     (the ``answer`` text)
+                                 ``#### n``, a ``\\boxed{}`` or the
+                                 bare number
+``math``           ``problem``   ``answer`` (optional): the final     ``solution``: its last
+                                 answer; else from the solution       ``\\boxed{}`` is the answer
+``prompt_answer``  ``prompt``    ``answer``: the final answer as it   ``solution`` (optional)
+                                 is (a string or a number)
+=================  ============  ===================================  ==================================
+
+Detection (``format="auto"``) checks, in this order, the question and solution columns of ``math``,
+the question and answer columns of ``gsm8k``, then those of ``prompt_answer``. Ids come from
+``id_field``, else the first of ``id``/``unique_id``/``idx``/``problem_id`` present, else
+``"{file stem}-{line}"``; the row's other columns are kept in :attr:`Problem.meta`.
+
+A bad file gets a :class:`DataError` naming the file and the 1-based line (JSONL) or row (Parquet):
+an empty file, bytes that are not UTF-8 (with the byte offset), invalid JSON, a row that is not an
+object, a missing or empty field, an answer with no extractable final answer.
 """
 
 from __future__ import annotations
@@ -27,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FORMATS", "DataError", "Problem", "iter_problems", "load_problems"]
 
-FORMATS = ("gsm8k", "math")
+FORMATS = ("gsm8k", "math", "prompt_answer")
 _ID_FIELDS = ("id", "unique_id", "idx", "problem_id")
 
 
@@ -67,29 +85,35 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class _Fields:
     question: str
-    answer: str | None  # gsm8k: required (text with "#### n"); math: optional final answer
-    solution: str | None  # math: required (text with \boxed{})
+    answer: str | None  # gsm8k: required (text with "#### n"); math: optional; prompt_answer: required
+    solution: str | None  # math: required (text with \boxed{}); gsm8k, prompt_answer: optional
     id: str | None
 
 
+_DEFAULT_FIELDS = {  # format -> (question, answer, solution) column names
+    "gsm8k": ("question", "answer", None),
+    "math": ("problem", "answer", "solution"),
+    "prompt_answer": ("prompt", "answer", None),
+}
+
+
 def _fields_for(fmt: str, question: str | None, answer: str | None, solution: str | None, id_: str | None):
-    if fmt == "gsm8k":
-        return _Fields(question or "question", answer or "answer", solution, id_)
-    return _Fields(question or "problem", answer or "answer", solution or "solution", id_)
+    q, a, s = _DEFAULT_FIELDS[fmt]
+    return _Fields(question or q, answer or a, solution or s, id_)
 
 
 def _detect_format(row: dict, path, line: int, unit: str, q: str | None, a: str | None, s: str | None) -> str:
-    math_f, gsm_f = _fields_for("math", q, a, s, None), _fields_for("gsm8k", q, a, s, None)
-    if math_f.question in row and math_f.solution in row:
-        return "math"
-    if gsm_f.question in row and gsm_f.answer in row:
-        return "gsm8k"
+    found = {fmt: _fields_for(fmt, q, a, s, None) for fmt in FORMATS}
+    needed = {fmt: (f.question, f.solution if fmt == "math" else f.answer) for fmt, f in found.items()}
+    for fmt in FORMATS:
+        if all(name in row for name in needed[fmt]):
+            return fmt
+    expected = " or ".join(f"{a!r} + {b!r} ({fmt})" for fmt, (a, b) in needed.items())
     raise DataError(
         path,
         line,
-        f"cannot detect the format from the fields {sorted(row)}: expected "
-        f"{gsm_f.question!r} + {gsm_f.answer!r} (GSM8K-style) or {math_f.question!r} + {math_f.solution!r} "
-        "(MATH-style); pass format= and/or the field names (question_field=, answer_field=, solution_field=)",
+        f"cannot detect the format from the fields {sorted(row)}: expected {expected}; pass format= "
+        "and/or the field names (question_field=, answer_field=, solution_field=)",
         unit,
     )
 
@@ -207,7 +231,14 @@ def _snippet(text: str, n: int = 80) -> str:
 
 def _row_to_problem(row: dict, path: Path, line: int, unit: str, fmt: str, f: _Fields) -> Problem:
     question = _text_field(row, f.question, path, line, unit, fmt)
-    if fmt == "gsm8k":
+    if fmt == "prompt_answer":
+        final = _text_field(row, f.answer, path, line, unit, fmt, allow_number=True).strip()
+        solution = None
+        used = {f.question, f.answer}
+        if f.solution is not None and isinstance(row.get(f.solution), str):
+            solution = row[f.solution]
+            used.add(f.solution)
+    elif fmt == "gsm8k":
         text = _text_field(row, f.answer, path, line, unit, fmt, allow_number=True)
         solution = text
         if "####" in text:
@@ -277,15 +308,15 @@ def iter_problems(
     """Stream the problems of one JSONL/Parquet file, in file order.
 
     Args:
-        format: ``"auto"`` (from the file's first row: MATH-style if it has the question and
-            solution fields, else GSM8K-style if it has the question and answer fields), ``"gsm8k"``
-            or ``"math"``.
+        format: ``"auto"`` (from the file's first row; module docstring), ``"gsm8k"``, ``"math"``
+            or ``"prompt_answer"``.
         file_type: ``"auto"`` (by extension: ``.jsonl``/``.ndjson``/``.json`` = JSON lines,
             ``.parquet``/``.pq``), ``"jsonl"`` or ``"parquet"``.
-        question_field, answer_field, solution_field, id_field: field names; defaults
-            ``question``/``answer`` (GSM8K: the answer text holds ``#### n``, a ``\\boxed{}`` or is
-            the bare number) and ``problem``/``solution``/``answer`` (MATH: a non-empty ``answer``
-            field is the final answer, else the last ``\\boxed{}`` of the solution); ids from
+        question_field, answer_field, solution_field, id_field: column names (None = the format's
+            defaults, module docstring): GSM8K ``question``/``answer`` (the answer text holds
+            ``#### n``, a ``\\boxed{}`` or is the bare number); MATH ``problem``/``solution``/``answer``
+            (a non-empty ``answer`` is the final answer, else the last ``\\boxed{}`` of the
+            solution); prompt/answer ``prompt``/``answer`` (the final answer as it is); ids from
             ``id``/``unique_id``/``idx``/``problem_id`` when present.
 
     Raises:
@@ -294,7 +325,7 @@ def iter_problems(
     """
     path = Path(path)
     if format not in ("auto", *FORMATS):
-        raise ValueError(f"format must be 'auto', 'gsm8k' or 'math', got {format!r}")
+        raise ValueError(f"format must be 'auto' or one of {FORMATS}, got {format!r}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
     kind = _file_type(path, file_type)
@@ -324,8 +355,8 @@ def load_problems(
         shuffle_seed: shuffle with ``random.Random(shuffle_seed)`` (after dedupe); ``None``: file order.
         limit: keep the first ``limit`` problems (after dedupe and shuffle).
         read_options: how each file is read, the keywords of :func:`iter_problems`: ``format``
-            (``"auto"`` per file, ``"gsm8k"``, ``"math"``), ``file_type``, ``question_field``,
-            ``answer_field``, ``solution_field``, ``id_field``.
+            (``"auto"`` per file, ``"gsm8k"``, ``"math"``, ``"prompt_answer"``), ``file_type``,
+            ``question_field``, ``answer_field``, ``solution_field``, ``id_field``.
 
     Raises:
         DataError: a bad file, naming the file and line (see the module docstring).

@@ -9,10 +9,17 @@ through the tokenizer's chat template when it has one, else the plain format::
     Answer:
 
 :func:`build_correction_prompt` renders the layer-2 input: the layer-1 prompt, the first answer o_i as
-the model's own assistant turn, a separator and a guiding phrase, left open so the model continues
-after the phrase. Its token ids are the concatenation ``prompt ids + o_i ids + phrase ids`` (pass the
-sampled ids of o_i to keep them token-exact), and ``num_prompt_tokens`` marks where the trained
-continuation starts.
+the model's own assistant turn, then the guiding phrase in one of two places (``guiding_turn``):
+
+* ``"assistant"`` (default): a separator and the phrase continue o_i's assistant turn, left open, so the
+  model continues right after the phrase (``...<assistant> o_i\n\nWait, let me double-check that.``);
+* ``"user"``: o_i's turn is closed as the chat template closes an assistant turn, the phrase is the next
+  user turn, and a new assistant turn is opened (the template's generation prompt) for the model to
+  answer in. Needs a chat template; without one the phrase is a continuation as above.
+
+Its token ids are the concatenation ``prompt ids + o_i ids + phrase ids`` (pass the sampled ids of o_i to
+keep them token-exact; "phrase ids" include the turn markers in ``"user"`` mode), and
+``num_prompt_tokens`` marks where the trained continuation starts.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from mgrpo_fast.data.problems import Problem
 
 __all__ = [
     "DEFAULT_GUIDING_PHRASES",
+    "GUIDING_TURNS",
     "DEFAULT_INSTRUCTION",
     "CorrectionPrompt",
     "build_correction_prompt",
@@ -33,6 +41,7 @@ __all__ = [
     "build_prompt",
     "build_prompt_ids",
     "choose_guiding_phrase",
+    "guiding_tail",
     "has_chat_template",
 ]
 
@@ -47,6 +56,11 @@ DEFAULT_GUIDING_PHRASES: tuple[str, ...] = (
     "But wait, let me make sure I didn't miss anything in the original problem.",
 )
 """The layer-2 guiding phrases of docs/algorithm.md (the paper's public re-implementations)."""
+
+GUIDING_TURNS = ("assistant", "user")
+"""Where the layer-2 guiding phrase goes (module docstring): continuing o_i's turn, or a new user turn."""
+
+_ANSWER_SENTINEL = "MGRPOFASTANSWER"  # plain letters: survives a template's trim/strip filters
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -171,6 +185,40 @@ def _strip_trailing_special(tokenizer: Any, ids: list[int], text: str) -> tuple[
     return ids, text
 
 
+def _user_turn_tail(problem, phrase: str, tokenizer: Any, system_prompt, instruction) -> str:
+    """What the chat template renders after an assistant turn's content when the next turn is the user's
+    ``phrase``: the assistant turn's end, the user turn, and the generation prompt."""
+    msgs = build_messages(problem, system_prompt=system_prompt, instruction=instruction)
+    msgs += [{"role": "assistant", "content": _ANSWER_SENTINEL}, {"role": "user", "content": phrase}]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    at = text.rfind(_ANSWER_SENTINEL)
+    if at < 0:
+        raise ValueError(
+            "guiding_turn='user': the chat template does not render an earlier assistant answer, so o_i "
+            "cannot stay in the context; use layer2.guiding_turn: assistant"
+        )
+    return text[at + len(_ANSWER_SENTINEL) :]
+
+
+def guiding_tail(
+    problem: Problem | str,
+    guiding_phrase: str,
+    tokenizer: Any,
+    *,
+    separator: str = "\n\n",
+    system_prompt: str | None = None,
+    template: str = "chat",
+    instruction: str | None = DEFAULT_INSTRUCTION,
+    guiding_turn: str = "assistant",
+) -> str:
+    """The text of the layer-2 input after o_i: ``separator + phrase`` (``guiding_turn="assistant"``, or
+    no chat template), or the chat template's end of the assistant turn, the phrase as a user turn and
+    the next assistant header (``"user"``). Its token count is part of the context a question needs."""
+    if guiding_turn == "user" and template == "chat" and has_chat_template(tokenizer):
+        return _user_turn_tail(problem, guiding_phrase, tokenizer, system_prompt, instruction)
+    return separator + guiding_phrase
+
+
 def build_correction_prompt(
     problem: Problem | str,
     first_answer: str | None,
@@ -184,6 +232,7 @@ def build_correction_prompt(
     system_prompt: str | None = None,
     template: str = "chat",
     instruction: str | None = DEFAULT_INSTRUCTION,
+    guiding_turn: str = "assistant",
 ) -> CorrectionPrompt:
     """The layer-2 correction input (docs/algorithm.md): chat-formatted q, o_i as the model's own previous
     answer, then the guiding phrase, so the model continues after the phrase.
@@ -201,8 +250,13 @@ def build_correction_prompt(
             (:func:`choose_guiding_phrase`).
         first_answer_ids: the sampled token ids of o_i; used as they are (trailing special ids such as
             EOS dropped) so the context is token-exact; the text is then their decoding.
-        separator: between o_i and the phrase.
+        separator: between o_i and the phrase (``guiding_turn="assistant"``; the chat template's turn
+            markers separate them in ``"user"`` mode).
+        guiding_turn: ``"assistant"`` (the phrase continues o_i's turn) or ``"user"`` (the phrase is the
+            next user turn and the model answers in a new assistant turn); module docstring.
     """
+    if guiding_turn not in GUIDING_TURNS:
+        raise ValueError(f"guiding_turn: expected one of {GUIDING_TURNS}, got {guiding_turn!r}")
     if guiding_phrase is None:
         if rng is None:
             raise ValueError(
@@ -225,7 +279,16 @@ def build_correction_prompt(
     else:
         _, a_text = _strip_trailing_special(tokenizer, [], first_answer)
         a_ids = _encode(tokenizer, a_text, add_special_tokens=False)
-    tail = separator + guiding_phrase
+    tail = guiding_tail(
+        problem,
+        guiding_phrase,
+        tokenizer,
+        separator=separator,
+        system_prompt=system_prompt,
+        template=template,
+        instruction=instruction,
+        guiding_turn=guiding_turn,
+    )
     p_ids = _encode(tokenizer, tail, add_special_tokens=False)
     return CorrectionPrompt(
         text=prefix + a_text + tail,

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from mgrpo_fast.engines.base import NonFiniteLossError, StepResult
 from mgrpo_fast.engines.distributed import DistInfo, RankCollectives
 from mgrpo_fast.engines.optim import build_adamw
-from mgrpo_fast.models.policy import lm_head_of
+from mgrpo_fast.models.policy import lm_head_of, tied_parameter_aliases
 
 __all__ = ["DeepSpeedEngine", "deepspeed_reference"]
 
@@ -147,7 +147,10 @@ class DeepSpeedEngine(RankCollectives):
         out = Path(out_dir)
         with self.generation():  # full weights on every rank (ZeRO-3), rank 0 writes
             if self.is_main:
-                state = {k: v.detach().cpu().clone() for k, v in self.policy.state_dict().items()}
+                tied = tied_parameter_aliases(self.policy)  # the clones below no longer share storage
+                state = {
+                    k: v.detach().cpu().clone() for k, v in self.policy.state_dict().items() if k not in tied
+                }
                 self.policy.save_pretrained(out, state_dict=state, safe_serialization=True)
                 tokenizer.save_pretrained(out)
         dist.barrier()

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from mgrpo_fast.engines.base import StepResult
 from mgrpo_fast.engines.distributed import DistInfo, RankCollectives
 from mgrpo_fast.engines.optim import AdamWUpdate
-from mgrpo_fast.models.policy import decoder_of
+from mgrpo_fast.models.policy import decoder_of, tied_parameter_aliases
 from mgrpo_fast.packing.microbatch import build_microbatch
 
 __all__ = ["FSDP2Engine", "decoder_layers", "shard_packed_policy"]
@@ -170,8 +170,8 @@ class FSDP2Engine(RankCollectives):
         full = get_model_state_dict(self.module, options=opts)
         out = Path(out_dir)
         if self.is_main:
-            prefix = "policy."
-            state = {k.removeprefix(prefix): v for k, v in full.items()}
+            prefix, tied = "policy.", tied_parameter_aliases(self.policy)
+            state = {k.removeprefix(prefix): v for k, v in full.items() if k.removeprefix(prefix) not in tied}
             self.policy.save_pretrained(out, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(out)
         dist.barrier()

@@ -1,6 +1,8 @@
 """The policy model: any transformers causal LM, run on packed micro-batches.
 
-``load_policy`` loads a causal LM from a local directory with ``attn_implementation="mgrpo_packed"``
+``load_policy`` loads a causal LM from a local checkpoint (a ``save_pretrained`` directory, sharded or
+not, or a GGUF file dequantized to the training dtype: ``mgrpo_fast.models.checkpoints``) with
+``attn_implementation="mgrpo_packed"``
 (``mgrpo_fast.models.attention``). ``packed_hidden_states`` runs the decoder (``model.model``, without
 ``lm_head``) on the flat token rows of a ``PackedMicroBatch`` and returns the final (normed) hidden
 states ``(T, H)``; ``packed_logprobs`` turns the rows that predict a loss token into log-probs with
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mgrpo_fast.models import attention as _attention  # registers "mgrpo_packed" in transformers
+from mgrpo_fast.models.checkpoints import resolve_checkpoint
 from mgrpo_fast.ops.logprobs import linear_logprobs
 from mgrpo_fast.ops.validation import check_index_range
 from mgrpo_fast.packing.microbatch import PackedMicroBatch
@@ -119,12 +122,14 @@ def load_policy(
     gradient_checkpointing: bool = False,
     liger_kernels: bool = False,
     attention_dropout: float | None = 0.0,
+    gguf_file: str | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM (Qwen2/2.5/3, Llama 3, Mistral, ...; tied or untied lm_head) from a local directory.
+    """Load a causal LM (Qwen2/2.5/3, Llama 3, Mistral, Gemma, ...; tied or untied lm_head) from a local
+    checkpoint.
 
     Args:
-        path: a directory written by ``save_pretrained`` (``config.json`` + weights). Nothing is
-            downloaded.
+        path: a directory written by ``save_pretrained`` (``config.json`` + weights, one file or
+            sharded), a directory holding ``gguf_file``, or a ``.gguf`` file. Nothing is downloaded.
         dtype: parameter dtype (``torch.bfloat16``, ``"bf16"``, ``"float32"``, ...).
         device: where the model lives.
         attn_implementation: ``"mgrpo_packed"`` (default, packed varlen attention), or any
@@ -134,25 +139,23 @@ def load_policy(
         attention_dropout: overrides the config's attention dropout. 0 by default: GRPO's
             importance ratios compare log-probs of the same function, so training forwards must be
             deterministic. ``None`` keeps the checkpoint's value.
+        gguf_file: the GGUF file in ``path`` (a name, or an absolute path); its weights are
+            dequantized to ``dtype`` (needs the ``gguf`` package).
 
     Returns:
         The model, in training mode (gradient checkpointing only acts in training mode; with zero
         dropout, training and eval forwards are the same function).
 
     Raises:
-        FileNotFoundError: ``path`` is not a directory with a ``config.json``.
+        FileNotFoundError: ``path`` is not a directory with a ``config.json``, nor a GGUF checkpoint.
         ValueError: the config is not a causal-LM architecture.
         NotImplementedError: the architecture's logits are not ``hidden @ lm_head.weight.T``.
-        ImportError: ``liger_kernels=True`` without liger-kernel installed.
+        ImportError: ``liger_kernels=True`` without liger-kernel installed, a GGUF file without gguf.
     """
     transformers = _import_transformers()
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"load_policy: model directory {path!r} does not exist (or is not a folder)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"load_policy: {path!r} has no config.json (not a save_pretrained directory)")
+    path, gguf_file = resolve_checkpoint(path, gguf_file)
     dtype = _resolve_dtype(dtype)
     if liger_kernels:  # fail before the (possibly long) load
         try:
@@ -160,7 +163,10 @@ def load_policy(
         except ImportError as exc:
             raise ImportError(LIGER_MISSING) from exc
 
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    # A GGUF file is dequantized into dense weights of `dtype` (GgufConfig(dequantize=True)): without it
+    # transformers keeps the model flagged as quantized, which it will neither train nor save.
+    gguf = {} if gguf_file is None else {"gguf_file": gguf_file}
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **gguf)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ValueError(
             f"load_policy: {path!r} holds a {type(config).__name__} (model_type={config.model_type!r}), "
@@ -171,9 +177,12 @@ def load_policy(
         config.attention_dropout = float(attention_dropout)
     config.use_cache = False
 
+    if gguf_file is not None:
+        gguf["quantization_config"] = transformers.GgufConfig(dequantize=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
-    )
+        path, config=config, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True,
+        **gguf,
+    )  # fmt: skip
     model.to(device)
     if model.get_output_embeddings() is None:
         raise ValueError(f"load_policy: {type(model).__name__} has no output embedding (lm_head)")
@@ -196,6 +205,17 @@ def decoder_of(model: PreTrainedModel) -> torch.nn.Module:
     if decoder is None or decoder is model:
         raise ValueError(f"{type(model).__name__}: cannot find its decoder (model.model / get_decoder())")
     return decoder
+
+
+def tied_parameter_aliases(model: torch.nn.Module) -> set[str]:
+    """State-dict names under which an already named parameter appears again: the ``lm_head.weight``
+    of a model with tied embeddings (Gemma, Qwen2.5-0.5B, Llama 3.2 1B, SmolLM2, ...).
+
+    ``save_pretrained`` drops them by itself, except when it is handed an explicit ``state_dict`` of
+    gathered copies (the sharded engines' exports), where the tie is no longer visible; those drop
+    these names so the export holds each weight once, as a one-process export does."""
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return every - {name for name, _ in model.named_parameters()}
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

@@ -66,6 +66,7 @@ def two_pass_correctness(
     system_prompt: str | None = None,
     template: str = "chat",
     instruction: str | None = DEFAULT_INSTRUCTION,
+    guiding_turn: str = "assistant",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both passes on ``problems``: per-problem correctness ``(c1, c2)``, bool ``(n,)`` each.
 
@@ -103,6 +104,7 @@ def two_pass_correctness(
         phrases=(guiding_phrase,),
         separator=separator,
         rng=random.Random(seed),
+        guiding_turn=guiding_turn,
     )
     c2 = torch.tensor(
         [answers_match(extract_answer(c.text), p.answer) for c, p in zip(r2.completions, problems)]

@@ -285,10 +285,12 @@ def rollout_layer2(
     phrases: Sequence[str] = DEFAULT_GUIDING_PHRASES,
     separator: str = "\n\n",
     rng: random.Random | None = None,
+    guiding_turn: str = "assistant",
 ) -> Layer2Rollout:
     """Build the correction prompt of every selected ``(q, i)`` and sample ``group_size`` (G2)
     continuations of each. One guiding phrase per pair, drawn in pair order with ``rng`` (default
-    ``random.Random(seed)``). o_i enters the context as its sampled token ids (token-exact)."""
+    ``random.Random(seed)``), placed as ``guiding_turn`` says (``build_correction_prompt``). o_i enters
+    the context as its sampled token ids (token-exact)."""
     if group_size < 1:
         raise ValueError(f"group_size: expected >= 1, got {group_size}")
     rng = random.Random(seed) if rng is None else rng
@@ -306,6 +308,7 @@ def rollout_layer2(
                 phrases=phrases,
                 first_answer_ids=o.token_ids,
                 separator=separator,
+                guiding_turn=guiding_turn,
                 **rollout.prompt_options,
             )
         )

@@ -31,6 +31,7 @@ import torch
 
 from mgrpo_fast.config.run import TrainConfig
 from mgrpo_fast.data.problems import Problem
+from mgrpo_fast.data.prompts import guiding_tail
 from mgrpo_fast.data.train_data import (
     QuestionOrder,
     default_model_path,
@@ -137,6 +138,7 @@ class MGRPOTrainer:
         m = self.config.model
         model = load_policy(
             path or default_model_path(),
+            gguf_file=m.gguf_file if path == m.path else None,
             dtype=_DTYPES[m.dtype],
             device=self.device,
             attn_implementation=m.attn_implementation,
@@ -148,9 +150,11 @@ class MGRPOTrainer:
         return model
 
     def _load_tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
+        from mgrpo_fast.models.checkpoints import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(self.config.model.tokenizer_path or default_model_path())
+        m = self.config.model
+        gguf_file = m.gguf_file if m.tokenizer_path == m.path else None
+        return load_tokenizer(m.tokenizer_path or default_model_path(), gguf_file)
 
     def _autocast_dtype(self) -> torch.dtype | None:
         mp = self.config.parallel.mixed_precision
@@ -174,16 +178,19 @@ class MGRPOTrainer:
         a layer-1 prompt plus T1, and for MGRPO plus the first answer, the phrase and T2."""
         cfg = self.config
         limit = cfg.data.max_prompt_tokens
+        d = cfg.data
+        options = dict(system_prompt=d.system_prompt, template=d.template, instruction=d.instruction)
         context = getattr(self.policy.config, "max_position_embeddings", None)
         if context:
             room = context - cfg.rollout.max_new_tokens
             if cfg.algo == "mgrpo":
                 l2 = cfg.layer2
-                phrase = max(len(self.tokenizer.encode(l2.separator + p)) for p in l2.guiding_phrases)
+                turn = dict(separator=l2.separator, guiding_turn=l2.guiding_turn, **options)
+                # the phrase as a continuation, or as a user turn with the template's turn markers
+                tails = (guiding_tail("q", p, self.tokenizer, **turn) for p in l2.guiding_phrases)
+                phrase = max(len(self.tokenizer.encode(t, add_special_tokens=False)) for t in tails)
                 room -= cfg.rollout.max_new_tokens + phrase + l2.max_new_tokens
             limit = room if limit is None else min(limit, room)
-        d = cfg.data
-        options = dict(system_prompt=d.system_prompt, template=d.template, instruction=d.instruction)
         return drop_overlong_prompts(
             problems, self.tokenizer, limit=limit, mode=d.overlong, source=source, prompt_options=options
         )
@@ -240,6 +247,7 @@ class MGRPOTrainer:
                     phrases=l2.guiding_phrases,
                     separator=l2.separator,
                     rng=random.Random(self._seed(step, 4)),
+                    guiding_turn=l2.guiding_turn,
                 )
             timings["rollout"] += time.perf_counter() - t
             out.scores2 = self.score(out.layer2, timings, first_correct=out.scores1.correct)
@@ -420,6 +428,7 @@ class MGRPOTrainer:
                 batch_size=cfg.rollout.batch_size,
                 guiding_phrase=ev.guiding_phrase or cfg.layer2.guiding_phrases[0],
                 separator=cfg.layer2.separator,
+                guiding_turn=cfg.layer2.guiding_turn,
                 seed=ev.seed,
                 system_prompt=cfg.data.system_prompt,
                 template=cfg.data.template,

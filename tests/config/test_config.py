@@ -199,7 +199,7 @@ def test_example_configs_load_at_equal_budget():
         ("rollout.backend=vllm", "rollout.backend: expected one of 'hf_generate', got 'vllm'"),
         ("model.dtype=int8", "model.dtype: expected one of auto, float32, bfloat16, float16, got 'int8'"),
         ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing: expected a boolean"),
-        ("data.format=csv", "data.format: expected one of 'auto', 'gsm8k', 'math', got 'csv'"),
+        ("data.format=csv", "data.format: expected one of 'auto', 'gsm8k', 'math', 'prompt_answer', got"),
         ("data.limit=-1", "data.limit: expected an integer >= 0, got -1"),
         ("reward.functions={'nocolon': 1}", "reward.functions.nocolon: expected 'module:function'"),
         ("reward.timeout_s=0", "reward.timeout_s: expected a number > 0, got 0.0"),

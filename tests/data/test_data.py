@@ -328,6 +328,30 @@ def test_correction_prompt_chat(chat_tok):
     assert c.loss_mask(3) == [0] * len(c.prompt_ids) + [1, 1, 1]
 
 
+def test_correction_prompt_as_the_next_user_turn(chat_tok, plain_tok):
+    first = "2+3 is \\boxed{5}."
+    sampled = chat_tok(first, add_special_tokens=False)["input_ids"] + [chat_tok.eos_token_id]
+    phrase = DEFAULT_GUIDING_PHRASES[1]
+    c = build_correction_prompt(
+        PROBLEM, None, phrase, chat_tok, first_answer_ids=sampled, guiding_turn="user"
+    )
+    # o_i is the assistant's finished turn, the phrase the user's next one, then a new assistant turn
+    turns = [{"role": "assistant", "content": first}, {"role": "user", "content": phrase}]
+    msgs = build_messages(PROBLEM) + turns
+    assert c.text == chat_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    tail = f"{first}<|im_end|>\n<|im_start|>user\n{phrase}<|im_end|>\n<|im_start|>assistant\n"
+    assert c.text.endswith(tail)
+    assert chat_tok.decode(c.prompt_ids) == c.text
+    # token-exact o_i (its sampled ids, EOS dropped)
+    assert c.prompt_ids[: c.answer_end] == build_prompt_ids(PROBLEM, chat_tok) + sampled[:-1]
+    assert c.prompt_ids[c.answer_end] == chat_tok.eos_token_id  # the turn's end, from the template
+    # without a chat template the phrase continues the answer, as in "assistant" mode
+    plain = build_correction_prompt(PROBLEM, first, phrase, plain_tok, guiding_turn="user")
+    assert plain.text == build_correction_prompt(PROBLEM, first, phrase, plain_tok).text
+    with pytest.raises(ValueError, match="guiding_turn"):
+        build_correction_prompt(PROBLEM, first, phrase, chat_tok, guiding_turn="system")
+
+
 def test_correction_prompt_uses_sampled_ids(chat_tok):
     sampled = chat_tok("It is \\boxed{5}.", add_special_tokens=False)["input_ids"] + [chat_tok.eos_token_id]
     c = build_correction_prompt(PROBLEM, None, "Hmm.", chat_tok, first_answer_ids=sampled)

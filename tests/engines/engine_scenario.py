@@ -4,7 +4,10 @@ Run in-process by tests/engines/test_engine_contract.py (one process: ``LocalEng
 ``torchrun``, as a script (FSDP2, DeepSpeed ZeRO-2/3 on 2 ranks)::
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/engines/engine_scenario.py \\
-        MODEL_DIR OUT_DIR ENGINE [--key=value ...]
+        MODEL_DIR[,MODEL_DIR...] OUT_DIR ENGINE [--key=value ...]
+
+With several model directories (the architecture matrix, tests/models/test_architectures.py: one launch
+for all of them), each one's results go to ``OUT_DIR/<name of the model directory>``.
 
 The steps (each records the all-rank loss and the ``StepResult``):
 
@@ -247,5 +250,8 @@ def run_scenario(model_dir: str, out_dir: str | Path, engine: str, *overrides: s
 
 
 if __name__ == "__main__":
-    model_dir, out_dir, engine, *overrides = sys.argv[1:]
-    run_scenario(model_dir, out_dir, engine, *overrides)
+    model_dirs, out_dir, engine, *overrides = sys.argv[1:]
+    dirs = model_dirs.split(",")
+    for model_dir in dirs:
+        out = Path(out_dir) if len(dirs) == 1 else Path(out_dir) / Path(model_dir.rstrip("/")).name
+        run_scenario(model_dir, out, engine, *overrides)

@@ -42,18 +42,18 @@ def torchrun(*args: str, nproc: int = 2) -> list[str]:
     ]
 
 
-def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``cmd`` to completion; a non-zero exit or a hang (``TIMEOUT``) fails the test."""
+def run(cmd: list[str], cwd: Path, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to completion; a non-zero exit or a hang (``timeout`` seconds) fails the test."""
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:  # a hang: kill torchrun *and* its workers, then fail
         kill_tree(proc.pid)
         stdout, stderr = proc.communicate()
         pytest.fail(
-            f"timed out after {TIMEOUT} s (a collective mismatch?): {' '.join(cmd)}\n{stderr[-4000:]}"
+            f"timed out after {timeout} s (a collective mismatch?): {' '.join(cmd)}\n{stderr[-4000:]}"
         )
     assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

@@ -1,9 +1,7 @@
-"""Packed log-probs through real transformers causal LMs (``mgrpo_fast.models.policy``) equal unpacked ones.
-
-Tiny random-initialized Qwen2 / Llama / Mistral models (GQA, tied and untied lm_head, sliding
-windows) are built here, written with ``save_pretrained`` and loaded back with ``load_policy``. The
-reference is transformers itself: each sequence alone, unpadded, through the stock ``"sdpa"``
-model and its full logits.
+"""Packed forwards through real transformers causal LMs (``mgrpo_fast.models.policy``): no leakage
+between packed sequences, gradient checkpointing, other attention implementations, bf16, and clear
+errors. Packed == unpacked log-probs and gradients for every architecture of the matrix
+(``tests/architectures.py``) are in ``test_architectures.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +13,16 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, T5Config  # noqa: E402
+from architectures import (  # noqa: E402
+    VOCAB,
+    assert_grads_close,
+    grads_of,
+    loss_weights,
+    make_config,
+    make_sequences,
+    save_architecture,
+)
+from transformers import AutoModelForCausalLM, T5Config  # noqa: E402
 
 from mgrpo_fast.models.attention import ATTN_IMPLEMENTATION  # noqa: E402
 from mgrpo_fast.models.policy import decoder_of, load_policy, packed_hidden_states, packed_logprobs
@@ -24,137 +31,16 @@ from mgrpo_fast.packing.microbatch import SequenceSpec, build_microbatch  # noqa
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-VOCAB = 97
-COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
-)  # fmt: skip
-
-CONFIGS = {
-    "qwen2_untied": lambda: Qwen2Config(**COMMON, tie_word_embeddings=False),
-    # layer 1 uses a 24-token sliding window (Qwen2: layers >= max_window_layers slide)
-    "qwen2_tied_sliding": lambda: Qwen2Config(
-        **COMMON, tie_word_embeddings=True, use_sliding_window=True, sliding_window=24, max_window_layers=1
-    ),
-    "llama_tied": lambda: LlamaConfig(**COMMON, tie_word_embeddings=True),
-    "llama_untied": lambda: LlamaConfig(**COMMON, tie_word_embeddings=False),
-    "mistral_sliding": lambda: MistralConfig(**COMMON, tie_word_embeddings=False, sliding_window=40),
-}
-
-# 13 sequences, total lengths 1..300: (prompt length, completion length, loss mask kind)
-SHAPES = [
-    (1, 0, "all"), (1, 1, "all"), (3, 4, "random"), (16, 1, "none"), (5, 28, "prefix"), (40, 24, "all"),
-    (7, 83, "random"), (60, 68, "all"), (33, 117, "prefix"), (12, 187, "random"), (90, 150, "all"),
-    (100, 171, "random"), (44, 256, "all"),
-]  # fmt: skip
-
-
-def make_sequences(seed: int = 0) -> list[SequenceSpec]:
-    rng = random.Random(seed)
-    out = []
-    for prompt_len, completion_len, kind in SHAPES:
-        prompt = [rng.randrange(VOCAB) for _ in range(prompt_len)]
-        completion = [rng.randrange(VOCAB) for _ in range(completion_len)]
-        if kind == "all":
-            mask = None
-        elif kind == "none":
-            mask = [0] * completion_len
-        elif kind == "prefix":  # a layer-2 correction: the earlier answer is context only
-            cut = completion_len // 2
-            mask = [0] * cut + [1] * (completion_len - cut)
-        else:
-            mask = [rng.random() < 0.6 for _ in range(completion_len)]
-        out.append(SequenceSpec(prompt, completion, mask))
-    assert len(out) == 13 and max(s.num_tokens for s in out) == 300
-    return out
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    """``name -> directory`` of each tiny random model, written once per test module."""
-    dirs = {}
-    for name, make in CONFIGS.items():
-        torch.manual_seed(1234)
-        config = make()
-        model = AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():  # break the tiny init's symmetry a little more: larger logits
-            for p in model.parameters():
-                p.mul_(3.0) if p.ndim == 2 else p.add_(0.1 * torch.randn_like(p))
-        path = tmp_path_factory.mktemp(name)
-        model.save_pretrained(path)
-        dirs[name] = path
-    return dirs
-
-
-def load_reference(path):
-    """The stock transformers model (sdpa), fp32, same weights."""
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-
-
-def reference_logprobs(model, sequences, temperature=1.0):
-    """Each sequence alone, unpadded, full logits: ``(logp, entropy)`` of the loss tokens, packed order."""
-    logps, ents = [], []
-    for seq in sequences:
-        ids = torch.tensor([*seq.prompt_ids, *seq.completion_ids])[None]
-        logits = model(input_ids=ids, use_cache=False).logits[0].float() / temperature
-        logsm = logits.log_softmax(-1)
-        p0 = len(seq.prompt_ids)
-        mask = seq.loss_mask if seq.loss_mask is not None else [1] * len(seq.completion_ids)
-        for j, keep in enumerate(mask):
-            if keep:
-                row = p0 + j - 1
-                logps.append(logsm[row, ids[0, p0 + j]])
-                ents.append(-(logsm[row].exp() * logsm[row]).sum())
-    return torch.stack(logps), torch.stack(ents)
-
-
-def loss_weights(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, generator=g) / n, torch.randn(n, generator=g) / n
-
-
-def grads_of(model) -> dict[str, torch.Tensor]:
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_grads_close(actual, expected, what):
-    assert actual.keys() == expected.keys(), f"{what}: parameters with gradients differ"
-    for name, g in expected.items():
-        # max abs diff <= 1e-5 and <= 1e-5 relative to the tensor's largest gradient
-        err = (actual[name] - g).abs().max().item()
-        scale = g.abs().max().item()
-        bound = min(1e-5, 1e-5 * scale + 1e-10)
-        assert err <= bound, f"{what}: {name}: max abs diff {err:.3e} (max |grad| {scale:.3e})"
-
-
-# --------------------------------------------------------------------------------------------
-# Packed == unpacked
-# --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_packed_logprobs_and_grads_match_per_sequence(model_dirs, name):
-    sequences = make_sequences()
-    batch = build_microbatch(sequences)
-    policy = load_policy(model_dirs[name], dtype=torch.float32, device="cpu")
-    assert policy.config._attn_implementation == ATTN_IMPLEMENTATION
-    reference = load_reference(model_dirs[name])
-
-    temperature = 0.8
-    logp, entropy = packed_logprobs(policy, batch, temperature=temperature, return_entropy=True)
-    ref_logp, ref_entropy = reference_logprobs(reference, sequences, temperature)
-    assert logp.shape == (batch.num_loss_tokens,) and logp.dtype == torch.float32
-    assert (logp - ref_logp).abs().max().item() <= 1e-5
-    assert (entropy - ref_entropy).abs().max().item() <= 1e-5
-
-    w_logp, w_ent = loss_weights(logp.numel())
-    (logp * w_logp + entropy * w_ent).sum().backward()
-    (ref_logp * w_logp + ref_entropy * w_ent).sum().backward()
-    assert_grads_close(grads_of(policy), grads_of(reference), name)
-    assert len(grads_of(policy)) == len(list(policy.parameters()))  # every parameter got a gradient
+    """``name -> directory`` of the tiny random models these tests use, written once per module."""
+    names = ("llama", "qwen2", "mistral")
+    return {name: save_architecture(name, tmp_path_factory.mktemp(name)) for name in names}
 
 
 def test_no_cross_sequence_leakage(model_dirs):
     """Changing one sequence's tokens leaves every other sequence's log-probs bit-identical."""
-    policy = load_policy(model_dirs["qwen2_tied_sliding"], dtype=torch.float32, device="cpu")
+    policy = load_policy(model_dirs["qwen2"], dtype=torch.float32, device="cpu")
     sequences = make_sequences()
     batch = build_microbatch(sequences)
     with torch.no_grad():
@@ -173,7 +59,7 @@ def test_no_cross_sequence_leakage(model_dirs):
 
 
 def test_gradient_checkpointing_gives_same_grads(model_dirs):
-    path = model_dirs["llama_untied"]
+    path = model_dirs["llama"]
     batch = build_microbatch(make_sequences(seed=3))
     results = []
     for checkpointing in (False, True):
@@ -189,7 +75,7 @@ def test_gradient_checkpointing_gives_same_grads(model_dirs):
 def test_other_attention_implementations_agree(model_dirs):
     """The packing kwargs are transformers' own: sdpa (block mask from position_ids) agrees, and
     mgrpo_packed agrees when it gets only position_ids; set_attn_implementation switches."""
-    path = model_dirs["mistral_sliding"]
+    path = model_dirs["mistral"]
     batch = build_microbatch(make_sequences(seed=5))
     packed = load_policy(path, dtype=torch.float32, device="cpu")
     sdpa = load_policy(path, dtype=torch.float32, device="cpu", attn_implementation="sdpa")
@@ -209,7 +95,7 @@ def test_other_attention_implementations_agree(model_dirs):
 
 
 def test_bf16_policy_runs_and_returns_fp32(model_dirs):
-    policy = load_policy(model_dirs["qwen2_untied"], dtype="bf16", device="cpu")
+    policy = load_policy(model_dirs["qwen2"], dtype="bf16", device="cpu")
     assert policy.dtype == torch.bfloat16
     batch = build_microbatch(make_sequences()[:6])
     logp, entropy = packed_logprobs(policy, batch, return_entropy=True)
@@ -237,24 +123,24 @@ def test_not_a_causal_lm(tmp_path):
 
 def test_bad_dtype(model_dirs):
     with pytest.raises(ValueError, match="dtype"):
-        load_policy(model_dirs["llama_tied"], dtype="float8", device="cpu")
+        load_policy(model_dirs["llama"], dtype="float8", device="cpu")
 
 
 def test_sequence_longer_than_max_position_embeddings(model_dirs):
-    policy = load_policy(model_dirs["llama_tied"], dtype=torch.float32, device="cpu")
+    policy = load_policy(model_dirs["llama"], dtype=torch.float32, device="cpu")
     batch = build_microbatch([SequenceSpec([1] * 400, [2] * 113)])  # 513 > 512
     with pytest.raises(ValueError, match="max_position_embeddings=512"):
         packed_logprobs(policy, batch)
 
 
 def test_out_of_vocabulary_token(model_dirs):
-    policy = load_policy(model_dirs["llama_tied"], dtype=torch.float32, device="cpu")
+    policy = load_policy(model_dirs["llama"], dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match="input_ids"):
         packed_logprobs(policy, build_microbatch([SequenceSpec([1, 2], [VOCAB])]))
 
 
 def test_padding_mask_is_refused(model_dirs):
-    policy = load_policy(model_dirs["llama_tied"], dtype=torch.float32, device="cpu")
+    policy = load_policy(model_dirs["llama"], dtype=torch.float32, device="cpu")
     ids = torch.randint(0, VOCAB, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, 4:] = 0
@@ -270,7 +156,7 @@ def test_liger_kernels_without_package_is_a_clear_error(model_dirs):
     except ImportError:
         pass
     with pytest.raises(ImportError, match="liger_kernels"):
-        load_policy(model_dirs["qwen2_untied"], dtype=torch.float32, device="cpu", liger_kernels=True)
+        load_policy(model_dirs["qwen2"], dtype=torch.float32, device="cpu", liger_kernels=True)
 
 
 def _fake_liger(monkeypatch, calls):
@@ -299,18 +185,18 @@ def test_liger_kernels_patch_norm_swiglu_rope_never_the_loss(model_dirs, monkeyp
 
     calls = []
     _fake_liger(monkeypatch, calls)
-    policy = load_policy(model_dirs["qwen2_untied"], dtype=torch.float32, device="cpu", liger_kernels=True)
+    policy = load_policy(model_dirs["qwen2"], dtype=torch.float32, device="cpu", liger_kernels=True)
     assert calls == [
         dict(rope=True, cross_entropy=False, fused_linear_cross_entropy=False, rms_norm=True, swiglu=True,
              model=policy)
     ]  # fmt: skip
-    llama = load_policy(model_dirs["llama_tied"], dtype=torch.float32, device="cpu")
+    llama = load_policy(model_dirs["llama"], dtype=torch.float32, device="cpu")
     assert apply_liger_kernels(llama) is False  # no kernels for this model type: left as it is
     assert len(calls) == 1
 
 
 def test_attention_dropout_is_zero_by_default(tmp_path):
-    config = LlamaConfig(**COMMON, attention_dropout=0.3)
+    config = make_config("llama", attention_dropout=0.3)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     policy = load_policy(tmp_path, dtype=torch.float32, device="cpu")
     assert policy.config.attention_dropout == 0.0 and policy.training

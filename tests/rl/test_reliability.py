@@ -379,3 +379,30 @@ def test_max_prompt_tokens_is_honoured(model_dir, tmp_path):
     cfg = load_config(None, _args(model_dir, tmp_path / "run", "--data.max_prompt_tokens=40"))
     t = MGRPOTrainer(cfg, train_problems=PROBLEMS + [Problem(id="long", question="y" * 60, answer="2")])
     assert "long" not in [p.id for p in t.train_problems]
+
+
+def test_the_context_check_counts_the_guiding_turns_markers(model_dir, tmp_path):
+    """layer2.guiding_turn: user puts the phrase in a user turn: the template's end-of-turn, user and
+    assistant markers take context too, so exactly that many fewer question lengths fit (byte-level
+    tokenizer: one character, one token)."""
+    phrase = "Check it."
+    lengths = range(700, 1000)
+    problems = [Problem(id=str(n), question="x" * n, answer="1") for n in lengths]
+    kept = {}
+    for turn in ("assistant", "user"):
+        extra = (
+            f"--layer2.guiding_turn={turn}",
+            f"--layer2.guiding_phrases=['{phrase}']",
+            "--train.total_steps=1",
+        )
+        cfg = load_config(None, _args(model_dir, tmp_path / turn, *extra))
+        kept[turn] = len(
+            MGRPOTrainer(cfg, train_problems=problems, eval_problems=PROBLEMS[:1]).train_problems
+        )
+    markers = "<|im_end|>\n<|im_start|>user\n" + "<|im_end|>\n<|im_start|>assistant\n"  # CHATML's
+    tokenizer = byte_tokenizer(CHATML)
+    extra_tokens = len(tokenizer.encode(markers + phrase, add_special_tokens=False)) - len(
+        tokenizer.encode("\n\n" + phrase, add_special_tokens=False)
+    )
+    assert 0 < kept["user"] < kept["assistant"] < len(lengths)
+    assert kept["assistant"] - kept["user"] == extra_tokens

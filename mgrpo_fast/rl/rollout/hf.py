@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mgrpo_fast.models.checkpoints import stop_token_ids
 from mgrpo_fast.rl.rollout.base import Completion, FinishReason, SamplingParams, is_integer_value
 
 logger = logging.getLogger(__name__)
@@ -185,8 +186,9 @@ class HFGenerateBackend:
     Args:
         model: a transformers causal LM (e.g. from ``mgrpo_fast.models.policy.load_policy``).
         tokenizer: its tokenizer (decoding and stop strings).
-        eos_token_ids: the ids that end a completion; default: the tokenizer's EOS and the model's
-            ``generation_config.eos_token_id`` (chat models end a turn with e.g. ``<|im_end|>``).
+        eos_token_ids: the ids that end a completion; default: every stop token of the model
+            (``mgrpo_fast.models.checkpoints.stop_token_ids``: the tokenizer's EOS, the
+            ``generation_config``/``config`` EOS ids, the chat template's end-of-turn token).
         pad_token_id: fills the left padding; default the tokenizer's pad token, else the first EOS.
         attn_implementation: the attention used while generating: ``"auto"`` keeps the model's,
             unless it is the training-only ``"mgrpo_packed"`` (no KV cache), then ``"sdpa"``; or any
@@ -209,10 +211,7 @@ class HFGenerateBackend:
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         if eos_token_ids is None:
-            found = [getattr(tokenizer, "eos_token_id", None)]
-            gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-            found += list(gen_eos) if isinstance(gen_eos, (list, tuple)) else [gen_eos]
-            eos_token_ids = [t for t in found if t is not None]
+            eos_token_ids = stop_token_ids(model, tokenizer)
         self.eos_token_ids = list(dict.fromkeys(int(t) for t in eos_token_ids))
         if pad_token_id is None:
             pad_token_id = getattr(tokenizer, "pad_token_id", None)
