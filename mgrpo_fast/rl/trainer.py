@@ -400,7 +400,9 @@ class MGRPOTrainer:
             "train/tokens": float(sum(s.num_tokens for s in batch.sequences)),
             "train/loss_tokens": float(batch.num_loss_tokens),
         }
-        if batch.old_logprobs is not None:  # the same on every rank (the batch is all ranks')
+        r, step = cfg.rollout, self.step + 1
+        wanted = r.is_correction != "none" or (r.mismatch_every and step % r.mismatch_every == 0)
+        if batch.old_logprobs is not None and wanted:  # the same on every rank (the batch is all ranks')
             t = time.perf_counter()
             targets, mismatch = self.sampler_mismatch(microbatches, targets, old, batch.old_logprobs)
             out.update(mismatch)

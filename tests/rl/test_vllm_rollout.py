@@ -108,7 +108,8 @@ def test_engine_logprobs_equal_the_policy_after_an_optimizer_step(tmp_path):
     from mgrpo_fast.rl.rollout.base import SamplingParams
     from mgrpo_fast.rl.trainer import MGRPOTrainer
 
-    config = _trainer_config(tmp_path / "run", "--algo=grpo", "--loss.drop_zero_variance_groups=false")
+    no_drop = "--loss.drop_zero_variance_groups=false"
+    config = _trainer_config(tmp_path / "run", "--algo=grpo", no_drop, "--rollout.mismatch_every=1")
     trainer = MGRPOTrainer(config)
     try:
         prompt = trainer.tokenizer.encode("12+34=")
