@@ -120,7 +120,7 @@ class MGRPOTrainer:
                 "rollout.is_correction=tis with loss.beta > 0: the truncated IS weight is applied as a "
                 "per-token loss weight, which would also scale the KL term; use loss.beta=0"
             )
-        self.backend = self._make_backend(auto=config.rollout.backend == "auto")
+        self.backend = self._make_backend()
         self.sync_rollout_weights()  # a vLLM engine starts without the policy's weights
         self.scorer = RewardScorer(cfg.reward.scorer_fns(), cfg.reward.timeout_s, cfg.reward.num_workers)
         problems = train_problems if train_problems is not None else load_train_problems(cfg.data)
@@ -167,13 +167,9 @@ class MGRPOTrainer:
             return None
         return torch.float16 if mp == "fp16" else torch.bfloat16
 
-    def _make_backend(self, auto: bool) -> RolloutBackend:
+    def _make_backend(self) -> RolloutBackend:
         """The rollout backend of ``rollout.backend`` (resolved: ``vllm`` or ``hf``)."""
         r = self.config.rollout
-        if r.backend == "vllm" and self.dist is not None and self.device.type != "cuda" and auto:
-            logger.warning("rollout.backend=auto: vLLM runs one engine per rank on CUDA only; using hf")
-            self.config = dataclasses.replace(self.config, rollout=dataclasses.replace(r, backend="hf"))
-            return HFGenerateBackend(self.policy, self.tokenizer)
         if r.backend == "hf":
             return HFGenerateBackend(self.policy, self.tokenizer)
         from mgrpo_fast.rl.rollout.vllm import VLLMBackend
