@@ -23,7 +23,7 @@ SMALL = [
     "--layer2.group_size=2",
     "--layer2.selection=sample:2",
     "--layer2.max_new_tokens=24",
-    "--optim.questions_per_step=4",
+    "--train.questions_per_step=4",
     "--optim.lr=3e-3",
     "--optim.warmup_steps=0",
     "--optim.schedule=constant",
@@ -140,10 +140,10 @@ def test_three_mgrpo_steps_on_vllm_then_resume(tmp_path):
 
     run = tmp_path / "run"
     tis = ["--rollout.is_correction=tis", "--rollout.is_cap=2.0", "--loss.drop_zero_variance_groups=false"]
-    trainer = MGRPOTrainer(_trainer_config(run, "--optim.total_steps=3", *tis))
+    trainer = MGRPOTrainer(_trainer_config(run, "--train.total_steps=3", *tis))
     assert trainer.config.rollout.backend == "vllm"
     trainer.train()
-    resumed = MGRPOTrainer(_trainer_config(run, "--optim.total_steps=4", "--resume", *tis))
+    resumed = MGRPOTrainer(_trainer_config(run, "--train.total_steps=4", "--resume", *tis))
     resumed.train()
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
