@@ -451,9 +451,14 @@ class MGRPOTrainer:
         step = self.step + 1
         timings = {"rollout": 0.0, "scoring": 0.0, "logprob": 0.0, "update": 0.0}
         t0 = time.perf_counter()
+        cache_counts = getattr(self.backend, "prefix_cache_counts", None)  # vLLM's prefix cache
+        cached0, submitted0 = cache_counts() if cache_counts is not None else (0, 0)
         r = self.rollout(step, timings)
         adv, batch = self.compute_advantages(r)
         metrics = mgrpo.step_metrics(r.layer1, r.scores1, adv, r.layer2, r.scores2)
+        if cache_counts is not None:
+            cached, submitted = cache_counts()
+            metrics["rollout/prefix_cache_hit"] = (cached - cached0) / max(submitted - submitted0, 1)
         for tag, s in (("reward1/", r.scores1), ("reward2/", r.scores2)):
             if s is not None and s.result is not None:
                 metrics.update(s.result.metrics(tag))

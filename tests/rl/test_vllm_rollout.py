@@ -97,6 +97,34 @@ def test_samples_are_seeded_prompt_major_and_cut_at_stop_strings(bundled, engine
     assert any(x.finish_reason == "stop" for x in a)
 
 
+def test_prefix_cache_reuses_shared_prompts_until_the_weights_change(bundled, engine):
+    from mgrpo_fast.rl.rollout.base import SamplingParams
+
+    policy, tok, prompts = bundled
+    # a layer-2 shaped prompt: question + a first answer + a phrase, several KV blocks (32 tokens) long
+    answer = tok.encode(" 12+34=46. Let me add the tens and the units again: 10+30=40, 2+4=6, so 46.")
+    context = (prompts[0] + answer * 3)[:100]
+    correction = context + tok.encode(" Wait, let me double-check that.")
+    params = SamplingParams(temperature=1.0, max_new_tokens=4)
+
+    def cached_tokens(batch, num_samples=1):
+        cached0, submitted0 = engine.prefix_cache_counts()
+        engine.generate(batch, num_samples=num_samples, params=params, seed=0)
+        cached, submitted = engine.prefix_cache_counts()
+        assert submitted - submitted0 == sum(len(p) for p in batch)
+        return cached - cached0
+
+    engine.load_weights(policy.named_parameters())  # a clean cache
+    assert cached_tokens([context]) == 0
+    # the full blocks of the shared prefix come from the cache (the last partial block is recomputed)
+    full_blocks = 32 * (len(context) // 32)
+    assert cached_tokens([correction]) == full_blocks > 0
+    engine.load_weights(policy.named_parameters())  # same weights, but a sync always resets the cache
+    assert cached_tokens([correction]) == 0
+    # the G samples of a new prompt share its prefilled blocks
+    assert cached_tokens([context[1:]], num_samples=4) > 0
+
+
 def _trainer_config(run_dir, *extra):
     from mgrpo_fast.config.loading import load_config
 

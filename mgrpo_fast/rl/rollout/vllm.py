@@ -163,6 +163,8 @@ class VLLMBackend:
         self.max_positions = getattr(config, "max_position_embeddings", None)
         self.sleep_mode = cuda if sleep_mode is None else bool(sleep_mode and cuda)
         self.sleeping = False
+        self.prompt_tokens = 0  # over all calls: prompt tokens submitted, and those found in the prefix cache
+        self.cached_prompt_tokens = 0
         # The engine reads the model's architecture from a directory: the policy's config and the
         # tokenizer, no weights (load_format="dummy"; the real ones arrive through load_weights).
         self._model_dir = tempfile.TemporaryDirectory(prefix="mgrpo-vllm-")
@@ -233,6 +235,8 @@ class VLLMBackend:
             outputs = self.llm.generate(requests, self._vllm_params(params, num_samples), use_tqdm=False)
         raw = []
         for p, request in enumerate(outputs):
+            self.prompt_tokens += len(prompts[p])
+            self.cached_prompt_tokens += int(request.num_cached_tokens or 0)
             samples = sorted(request.outputs, key=lambda o: o.index)
             if len(samples) != num_samples:
                 raise RuntimeError(f"vLLM returned {len(samples)} samples for prompt {p}, not {num_samples}")
@@ -243,6 +247,12 @@ class VLLMBackend:
                     lps = [float(step[t].logprob) for t, step in zip(ids, o.logprobs)]
                 raw.append((p, s, ids, lps))
         return finish_completions(raw, self.eos_token_ids, self.tokenizer, params.stop)
+
+    def prefix_cache_counts(self) -> tuple[int, int]:
+        """``(cached, submitted)`` prompt tokens over all :meth:`generate` calls so far: the prompt
+        tokens whose KV came from the prefix cache, and all prompt tokens (once per request, which
+        covers its ``num_samples`` samples)."""
+        return self.cached_prompt_tokens, self.prompt_tokens
 
     # ------------------------------------------------------------------ weights and memory
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
