@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -76,3 +77,58 @@ def test_sampler_logprobs_follow_the_loss_rows_of_a_microbatch():
     assert got.tolist() == pytest.approx([-2.0, -2.5, -0.1, -0.2, -0.3])
     with pytest.raises(ValueError, match="sequence 2: 1 values for 2 completion tokens"):
         microbatch_sampler_logprobs(mb, [[-0.1, -0.2, -0.3], [-1.0], [-2.0]])
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_trainer_tis_loss_is_the_loss_under_the_reference_weights(tmp_path, level):
+    """The trainer's TIS (``rollout.is_correction: tis``): the loss of a micro-batch equals the loss of
+    the same micro-batch with every token's policy term multiplied by the fp64 reference weights; the
+    weights carry no gradient; the mismatch metrics are the reference's."""
+    from conftest import padded_from_packed
+
+    from mgrpo_fast.config.loading import load_config
+    from mgrpo_fast.rl.trainer import MGRPOTrainer
+    from mgrpo_fast.rl.update import microbatch_targets
+
+    config = load_config(None, [
+        f"--logging.run_dir={tmp_path / 'run'}", "--logging.tensorboard=false", "--rollout.backend=hf",
+        "--rollout.is_correction=tis", "--rollout.is_cap=1.5", f"--rollout.is_level={level}",
+        "--reward.num_workers=0", "--loss.beta=0", "--rollout.max_new_tokens=16", "--algo=grpo",
+    ])  # fmt: skip
+    trainer = MGRPOTrainer(config)
+    g = torch.Generator().manual_seed(0)
+    vocab = trainer.policy.get_input_embeddings().num_embeddings
+    ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+    seqs = [SequenceSpec(ids(p), ids(c)) for p, c in [(5, 7), (3, 1), (8, 12)]]
+    mb = build_microbatch(seqs)
+    targets = microbatch_targets(mb, torch.tensor([1.0, -0.5, 0.7]), torch.full((3,), 1 / 20))
+    (trainer_lp,) = trainer.logprobs(trainer.engine.module, [mb])
+    sampler_lp = trainer_lp + 0.5 * torch.randn(trainer_lp.shape, generator=g)  # some ratios beyond the cap
+    per_seq = [sampler_lp[a:b].tolist() for a, b in zip(targets.cu_seqlens[:-1], targets.cu_seqlens[1:])]
+    (corrected,), metrics = trainer.sampler_mismatch([mb], [targets], [None], per_seq)
+
+    cu, lengths = targets.cu_seqlens, [len(s.completion_ids) for s in seqs]
+    old_pad = padded_from_packed(trainer_lp.double(), cu)
+    sampler_pad = padded_from_packed(sampler_lp.double(), cu)
+    mask = valid_mask(lengths, old_pad.shape[1])
+    want_w = ref.truncated_is_weight_ref(old_pad, sampler_pad, mask, 1.5, level)
+    want_w, _ = packed_from_padded(want_w, lengths)
+    want_metrics = ref.sampler_mismatch_ref(old_pad, sampler_pad, mask, cap=1.5)
+    assert 0 < want_metrics["beyond_cap"] < 1
+    assert math.isclose(metrics["rollout/mismatch_abs"], want_metrics["abs"], rel_tol=1e-5)
+    assert math.isclose(metrics["rollout/is_beyond_cap"], want_metrics["beyond_cap"], rel_tol=1e-9)
+
+    def loss_and_grad(tg):
+        trainer.policy.zero_grad(set_to_none=True)
+        loss, _ = trainer.engine.module(mb, tg)
+        loss.backward()
+        head = trainer.policy.get_output_embeddings().weight
+        return loss.detach().double(), head.grad.detach().double().clone()
+
+    want = dataclasses.replace(targets, token_weight=(targets.token_weight.double() * want_w).float())
+    got_loss, got_grad = loss_and_grad(corrected)
+    want_loss, want_grad = loss_and_grad(want)
+    plain_loss, _ = loss_and_grad(targets)
+    assert not math.isclose(float(want_loss), float(plain_loss), rel_tol=1e-3)  # the correction matters
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)  # fp32 weights, rounded

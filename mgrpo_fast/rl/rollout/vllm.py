@@ -107,6 +107,20 @@ def _repack_vocab_modules(model: torch.nn.Module) -> int:
     return count
 
 
+class _ExpectedReloadWarnings(logging.Filter):
+    """Drops vLLM's per-sync "<layer>: Failed to load weights" for layers that legitimately get no
+    tensor from the policy: the rotary embedding (a computed cache) and a tied LM head (its weight is
+    the embedding's, which the sync loads; the re-pack refreshes the head)."""
+
+    def __init__(self, tied_head: bool) -> None:
+        super().__init__()
+        self.layers = ("RotaryEmbedding", "ParallelLMHead") if tied_head else ("RotaryEmbedding",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        expected = record.msg == "%s: Failed to load weights" and record.args
+        return not (expected and record.args[0] in self.layers)
+
+
 class VLLMBackend:
     """A colocated vLLM engine that samples for the trainer (module docstring).
 
@@ -163,6 +177,7 @@ class VLLMBackend:
         self.max_positions = getattr(config, "max_position_embeddings", None)
         self.sleep_mode = cuda if sleep_mode is None else bool(sleep_mode and cuda)
         self.sleeping = False
+        self._reload_filter = _ExpectedReloadWarnings(bool(getattr(config, "tie_word_embeddings", False)))
         self.prompt_tokens = 0  # over all calls: prompt tokens submitted, and those found in the prefix cache
         self.cached_prompt_tokens = 0
         # The engine reads the model's architecture from a directory: the policy's config and the
@@ -262,9 +277,15 @@ class VLLMBackend:
         t = time.perf_counter()
         if self.sleeping:
             self.llm.wake_up(tags=["weights"])
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": iter(named_tensors), "is_checkpoint_format": True}
-        )
+        reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        reload_log.addFilter(self._reload_filter)
+        try:
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": iter(named_tensors), "is_checkpoint_format": True},
+            )
+        finally:
+            reload_log.removeFilter(self._reload_filter)
         repacked = self.llm.apply_model(_repack_vocab_modules)
         if not any(repacked):
             raise RuntimeError("VLLMBackend.load_weights: found no vocabulary embedding / LM head to re-pack")
