@@ -77,6 +77,8 @@ def _import_vllm():
     # In-process engine core: weights are handed over by reference (module docstring). Set before the
     # import, which reads some variables once.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # vLLM logs every weight reload and prefix-cache reset at INFO: one line pair per training step
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     reason = vllm_unavailable_reason()
     if reason is not None:
         raise ImportError(f"rollout.backend=vllm: {reason}")
