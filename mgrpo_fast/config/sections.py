@@ -8,10 +8,14 @@ YAML files and ``--key.sub=value`` overrides.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Literal
+
+import torch
 
 from mgrpo_fast.config.fields import (
     ConfigError,
@@ -30,6 +34,7 @@ from mgrpo_fast.ops.options import (
     LossOptions,
 )
 
+ROLLOUT_BACKENDS = ("auto", "vllm", "hf", "hf_generate")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _LOSS = LossOptions()  # its defaults are the loss section's
@@ -137,25 +142,76 @@ class DataConfig(Section):
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutConfig(Section):
-    """Sampling of both layers (``mgrpo_fast.rl.rollout``)."""
+    """Sampling of both layers (``mgrpo_fast.rl.rollout``, docs/rollout.md)."""
 
     _section = "rollout"
     backend: str = setting(
-        "hf_generate",
-        choices=("hf_generate",),
-        doc="hf_generate: transformers generate with a KV cache, seeded per step.",
+        "auto",
+        choices=ROLLOUT_BACKENDS,
+        doc="vllm: a colocated vLLM engine (docs/rollout.md); hf: transformers generate with a KV cache "
+        "(hf_generate is the old name); auto = vllm when it is installed, else hf (hf under torchrun without "
+        "CUDA). Both layers and the evaluation use it.",
     )
     temperature: float = setting(1.0, gt=0, doc="Sampling temperature; the update's log-probs use it too.")
     top_p: float = setting(1.0, gt=0, le=1, doc="Nucleus sampling; 1 = off.")
     top_k: int = setting(0, ge=0, doc="Keep the k most likely tokens; 0 = off.")
     max_new_tokens: int = setting(512, ge=1, doc="T1: the most tokens of a layer-1 completion.")
     stop: tuple[str, ...] = setting((), doc="Strings that end a completion (besides EOS).")
-    batch_size: int = setting(64, ge=1, doc="Sequences per generate call.")
+    batch_size: int = setting(
+        64, ge=1, doc="Sequences per generate call (hf; vLLM schedules every prompt of a call itself)."
+    )
     seed: int | None = setting(None, ge=0, doc="Sampling seed; null = the top-level seed.")
-    return_logprobs: bool = setting(False, doc="Also return the sampler's log-probs of every token.")
+    return_logprobs: bool = setting(
+        False,
+        doc="Also return the sampler's log-probs of every token (always on with vllm or a correction).",
+    )
+    vllm_kv_cache_gib: int = setting(1, ge=1, doc="vLLM on CPU: KV-cache size in whole GiB.")
+    vllm_gpu_memory_utilization: float = setting(
+        0.3, gt=0, le=1, doc="vLLM on CUDA: fraction of GPU memory for its weights + KV cache."
+    )
+    vllm_block_size: int = setting(
+        32, ge=1, doc="vLLM: tokens per KV block (prefix caching shares whole blocks)."
+    )
+    vllm_max_num_seqs: int = setting(256, ge=1, doc="vLLM: sequences decoded at once.")
+    vllm_sleep_mode: bool = setting(
+        True, doc="vLLM on CUDA: free the engine's GPU memory during the update (sleep mode)."
+    )
+    is_correction: str = setting(
+        "none",
+        choices=("none", "tis"),
+        doc="Sampler-mismatch correction: tis = truncated importance sampling, the policy term of a token "
+        "multiplied by min(exp(logp_old - logp_sampler), is_cap) (no gradient through it).",
+    )
+    is_cap: float = setting(
+        2.0, gt=0, doc="C, the cap of the TIS weight; also the threshold of rollout/is_beyond_cap."
+    )
+    is_level: str = setting(
+        "token",
+        choices=("token", "sequence"),
+        doc="TIS per token, or per sequence (exp of the summed log-ratio of the completion, then capped).",
+    )
+    mismatch_every: int = setting(
+        10,
+        ge=0,
+        doc="Log the sampler-trainer mismatch every this many steps (0 = never; every step with a "
+        "correction); with loss.mu = 1 it costs one extra forward without a graph.",
+    )
 
     def _validate(self) -> None:
         self._require("stop", all(self.stop), "a list of non-empty strings")
+        if self.backend == "hf_generate":  # the old name
+            object.__setattr__(self, "backend", "hf")
+
+    def resolved_backend(self) -> str:
+        """``vllm`` or ``hf``: ``auto`` is ``vllm`` when the package is installed, except under
+        ``torchrun`` without CUDA (one engine per rank needs vLLM's external launcher, CUDA only)."""
+        if self.backend != "auto":
+            return self.backend
+        if importlib.util.find_spec("vllm") is None:
+            return "hf"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            return "hf"
+        return "vllm"
 
 
 ONE_IS_NO_GROUP = "a group of one has zero advantage: its reward is its own mean, so it never trains"

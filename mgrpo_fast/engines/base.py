@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -119,6 +120,13 @@ class Engine(Protocol):
         """A context in which the policy (the transformers model inside :attr:`module`) holds its full
         parameters and can run ``generate`` with no collective inside, so ranks may generate
         different numbers of tokens. Entering and leaving it are collective for sharding engines."""
+        ...
+
+    def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy's full parameters one at a time, ``(transformers name, tensor)``, for the rollout
+        engine's weight sync (docs/rollout.md): no second full copy of the model (a sharded engine
+        gathers one parameter, yields it, and frees it before the next). Collective under ``torchrun``:
+        every rank iterates to the end."""
         ...
 
     def save(self, directory: Path) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,18 @@ class DeepSpeedEngine(RankCollectives):
         if self.stage != 3:
             return contextlib.nullcontext()
         return self.deepspeed.zero.GatheredParameters(list(self.policy.parameters()), modifier_rank=None)
+
+    def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """ZeRO-3 (collective): each parameter gathered alone, inside its own ``GatheredParameters``, and
+        cloned (the consumer may hold a layer's tensors until the layer is complete, after the gathered
+        storage is released); ZeRO-2 keeps full parameters on every rank."""
+        for name, p in self.policy.named_parameters():
+            if self.stage != 3:
+                yield name, p.detach()
+                continue
+            with self.deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                full = p.detach().clone()
+            yield name, full
 
     def save(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(directory / "deepspeed"), tag=_TAG, save_latest=False)

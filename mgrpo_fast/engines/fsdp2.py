@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from mgrpo_fast.engines.base import StepResult
 from mgrpo_fast.engines.distributed import DistInfo, RankCollectives
@@ -137,6 +138,12 @@ class FSDP2Engine(RankCollectives):
                 unit.set_reshard_after_forward(
                     self.reshard_after_forward if unit is not self.module else True
                 )
+
+    def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Collective: each parameter's shards all-gathered alone (one full tensor alive at a time)."""
+        for name, p in self.policy.named_parameters():
+            p = p.detach()
+            yield name, p.full_tensor() if isinstance(p, DTensor) else p
 
     # checkpoints
     def _state(self):

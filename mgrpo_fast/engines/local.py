@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,11 @@ class LocalEngine:
 
     def generation(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
+
+    def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy's parameters as they are (no copy)."""
+        for name, p in self.policy.named_parameters():
+            yield name, p.detach()
 
     # checkpoints
     def save(self, directory: Path) -> None:

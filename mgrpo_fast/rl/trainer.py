@@ -10,6 +10,7 @@ One training step (``train_step``)::
     logprobs             old log-probs (μ > 1) and reference log-probs (β > 0), once per step
     forward_backward     per micro-batch: decoder -> loss rows -> fused GRPO loss -> backward
     optimizer_step       LR schedule, the engine's clip + AdamW step (μ times per step)
+    sync_rollout_weights the new weights into the rollout engine (vLLM; docs/rollout.md)
 
 Everything random is a function of ``(seed, step)``: the questions (``train_data.QuestionOrder``),
 the sampling seeds of both layers, the selection and the guiding phrases. With the model, the AdamW
@@ -19,6 +20,7 @@ Metrics go to ``{run_dir}/metrics.jsonl`` (and TensorBoard / wandb) on rank 0.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -48,7 +50,8 @@ from mgrpo_fast.packing.planner import plan_microbatches
 from mgrpo_fast.rl import layers as mgrpo
 from mgrpo_fast.rl.checkpoint import latest_checkpoint, load_run_checkpoint, save_run_checkpoint
 from mgrpo_fast.rl.evaluate import TwoPassResult, summarize_two_pass, two_pass_correctness
-from mgrpo_fast.rl.rollout.base import SamplingParams
+from mgrpo_fast.rl.mismatch import MismatchSums, microbatch_sampler_logprobs, truncated_is_weights
+from mgrpo_fast.rl.rollout.base import RolloutBackend, SamplingParams
 from mgrpo_fast.rl.rollout.hf import HFGenerateBackend
 from mgrpo_fast.rl.run_dir import check_checkpoint_config, own_run_directory
 from mgrpo_fast.rl.run_log import MetricsWriter, Progress, combine_rank_metrics
@@ -113,7 +116,13 @@ class MGRPOTrainer:
         if cfg.loss.beta > 0:  # β = 0 skips the reference model entirely (docs/algorithm.md)
             ref = PackedPolicy(self._load_model(cfg.model.ref_path, frozen=True), options, **wrap)
             self.ref_module = make_reference(ref, cfg, self.dist)
-        self.backend = HFGenerateBackend(self.policy, self.tokenizer)
+        if cfg.rollout.is_correction == "tis" and cfg.loss.beta > 0:
+            raise ValueError(
+                "rollout.is_correction=tis with loss.beta > 0: the truncated IS weight is applied as a "
+                "per-token loss weight, which would also scale the KL term; use loss.beta=0"
+            )
+        self.backend = self._make_backend()
+        self.sync_rollout_weights()  # a vLLM engine starts without the policy's weights
         self.scorer = RewardScorer(cfg.reward.scorer_fns(), cfg.reward.timeout_s, cfg.reward.num_workers)
         problems = train_problems if train_problems is not None else load_train_problems(cfg.data)
         self.train_problems = self._fitting(problems, "the training problems")
@@ -162,6 +171,26 @@ class MGRPOTrainer:
             return None
         return torch.float16 if mp == "fp16" else torch.bfloat16
 
+    def _make_backend(self) -> RolloutBackend:
+        """The rollout backend of ``rollout.backend`` (resolved: ``vllm`` or ``hf``)."""
+        r = self.config.rollout
+        if r.backend == "hf":
+            return HFGenerateBackend(self.policy, self.tokenizer)
+        from mgrpo_fast.rl.rollout.vllm import VLLMBackend
+
+        return VLLMBackend(
+            self.policy,
+            self.tokenizer,
+            device=self.device,
+            kv_cache_gib=r.vllm_kv_cache_gib,
+            gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+            block_size=r.vllm_block_size,
+            max_num_seqs=r.vllm_max_num_seqs,
+            seed=r.seed,
+            sleep_mode=r.vllm_sleep_mode,
+            distributed=self.dist is not None,
+        )
+
     def _sampling(self, max_new_tokens: int) -> SamplingParams:
         r = self.config.rollout
         return SamplingParams(
@@ -171,6 +200,8 @@ class MGRPOTrainer:
             max_new_tokens=max_new_tokens,
             stop=r.stop,
             batch_size=r.batch_size,
+            # the sampler's log-probs: the mismatch metrics (vllm) and the TIS correction need them
+            return_logprobs=r.return_logprobs or r.backend == "vllm" or r.is_correction != "none",
         )
 
     def _fitting(self, problems: list[Problem], source: str) -> list[Problem]:
@@ -373,6 +404,13 @@ class MGRPOTrainer:
             "train/tokens": float(sum(s.num_tokens for s in batch.sequences)),
             "train/loss_tokens": float(batch.num_loss_tokens),
         }
+        r, step = cfg.rollout, self.step + 1
+        wanted = r.is_correction != "none" or (r.mismatch_every and step % r.mismatch_every == 0)
+        if batch.old_logprobs is not None and wanted:  # the same on every rank (the batch is all ranks')
+            t = time.perf_counter()
+            targets, mismatch = self.sampler_mismatch(microbatches, targets, old, batch.old_logprobs)
+            out.update(mismatch)
+            timings["mismatch"] = time.perf_counter() - t
         t = time.perf_counter()
         skipped = 0.0
         for _ in range(cfg.loss.mu):
@@ -389,21 +427,57 @@ class MGRPOTrainer:
         out["train/skipped_updates"] = skipped
         return out
 
+    def sampler_mismatch(
+        self, microbatches: list, targets: list, old: list, sampler_logprobs: list[list[float]]
+    ) -> tuple[list, dict[str, float]]:
+        """The sampler–trainer mismatch metrics (``mgrpo_fast.rl.mismatch``) and, with
+        ``rollout.is_correction: tis``, the targets with their per-token loss weights multiplied by the
+        truncated IS weights. The trainer's side is the old log-probs: computed anyway when μ > 1; with
+        μ = 1 they equal the current ones, computed here in one extra pass without a graph."""
+        r = self.config.rollout
+        if self.config.loss.mu == 1:
+            old = self.logprobs(self.engine.module, microbatches)
+        sums = MismatchSums(r.is_cap)
+        for k, (mb, tg, trainer) in enumerate(zip(microbatches, targets, old)):
+            sampler = microbatch_sampler_logprobs(mb, sampler_logprobs)
+            sums.add(trainer, sampler)
+            if r.is_correction == "tis":
+                w = truncated_is_weights(trainer, sampler, r.is_cap, r.is_level, tg.cu_seqlens)
+                targets[k] = dataclasses.replace(tg, token_weight=tg.token_weight * w.to(tg.token_weight))
+        return targets, MetricSums.merge(self.engine.all_gather_object(sums.sums()))
+
+    def sync_rollout_weights(self) -> float:
+        """Stream the policy's weights into the rollout engine (a no-op for ``hf``, which samples with
+        the policy itself); collective under torchrun. Returns the seconds it took."""
+        load = getattr(self.backend, "load_weights", None)
+        if load is None:
+            return 0.0
+        return load(self.engine.full_parameters())
+
     def train_step(self) -> dict[str, float]:
         """One MGRPO step: rollout, score, advantages, μ packed updates. Returns the step's metrics."""
         step = self.step + 1
         timings = {"rollout": 0.0, "scoring": 0.0, "logprob": 0.0, "update": 0.0}
         t0 = time.perf_counter()
+        cache_counts = getattr(self.backend, "prefix_cache_counts", None)  # vLLM's prefix cache
+        cached0, submitted0 = cache_counts() if cache_counts is not None else (0, 0)
         r = self.rollout(step, timings)
         adv, batch = self.compute_advantages(r)
         metrics = mgrpo.step_metrics(r.layer1, r.scores1, adv, r.layer2, r.scores2)
+        if cache_counts is not None:
+            cached, submitted = cache_counts()
+            metrics["rollout/prefix_cache_hit"] = (cached - cached0) / max(submitted - submitted0, 1)
         for tag, s in (("reward1/", r.scores1), ("reward2/", r.scores2)):
             if s is not None and s.result is not None:
                 metrics.update(s.result.metrics(tag))
         if self.engine.world_size > 1:  # each rank rolled out its own questions: merge, then balance
             metrics = combine_rank_metrics(self.engine.all_gather_object(metrics))
             batch = mgrpo.TrainingBatch.concat(self.engine.all_gather_object(batch))
+        sleep = getattr(self.backend, "sleep", None)
+        if sleep is not None:  # the rollout engine frees its GPU memory for the update (CUDA)
+            sleep()
         metrics.update(self.update(batch, timings))
+        timings["weight_sync"] = self.sync_rollout_weights()
         self.step = step
         metrics.update({f"time/{k}": v for k, v in timings.items()})
         metrics["time/step"] = time.perf_counter() - t0
@@ -462,6 +536,7 @@ class MGRPOTrainer:
             return None
         check_checkpoint_config(Path(path), self.config)
         self.load_state_dict(load_run_checkpoint(path, self.engine))
+        self.sync_rollout_weights()
         logger.info("resumed from %s at step %d", path, self.step)
         return Path(path)
 
@@ -542,6 +617,9 @@ class MGRPOTrainer:
             if writer is not None:
                 writer.close()
             self.scorer.close()
+            close = getattr(self.backend, "close", None)
+            if close is not None:
+                close()
         return last
 
     def _log(self, writer: MetricsWriter | None, step: int, metrics: dict[str, float]) -> None:

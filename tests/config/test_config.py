@@ -196,7 +196,9 @@ def test_example_configs_load_at_equal_budget():
         ("optim.schedule=step", "optim.schedule: expected one of 'cosine', 'linear', 'constant'"),
         ("rollout.top_p=0", "rollout.top_p: expected a number > 0 and <= 1, got 0.0"),
         ("rollout.temperature=0", "rollout.temperature: expected a number > 0, got 0.0"),
-        ("rollout.backend=vllm", "rollout.backend: expected one of 'hf_generate', got 'vllm'"),
+        ("rollout.backend=sglang", "rollout.backend: expected one of 'auto', 'vllm', 'hf', 'hf_generate'"),
+        ("rollout.is_correction=ppo", "rollout.is_correction: expected one of 'none', 'tis', got 'ppo'"),
+        ("rollout.vllm_kv_cache_gib=0.5", "rollout.vllm_kv_cache_gib: expected an integer, got 0.5"),
         ("model.dtype=int8", "model.dtype: expected one of auto, float32, bfloat16, float16, got 'int8'"),
         ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing: expected a boolean"),
         ("data.format=csv", "data.format: expected one of 'auto', 'gsm8k', 'math', 'prompt_answer', got"),
@@ -431,3 +433,13 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         load_config(None, [f"--logging.run_dir={run}", "--seed=9"]).save_resolved()
     assert sorted(os.listdir(run)) == ["config.yaml"] and (run / "config.yaml").read_text() == before
+
+
+def test_rollout_backend_old_name_and_auto():
+    import importlib.util
+
+    from mgrpo_fast.config.loading import load_config
+
+    assert load_config(None, ["--rollout.backend=hf_generate"]).rollout.backend == "hf"
+    auto = load_config(None, []).resolved().rollout.backend
+    assert auto == ("vllm" if importlib.util.find_spec("vllm") else "hf")

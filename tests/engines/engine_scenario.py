@@ -166,6 +166,7 @@ def make_trainer(model_dir: str, out_dir: Path, engine: str, *overrides: str) ->
             "--optim.eps=1e-3",
             "--train.max_tokens_per_microbatch=40",
             "--rollout.max_new_tokens=8",  # the tiny model's 1024-token context fits both layers
+            "--rollout.backend=hf",  # one process and torchrun roll out alike (auto = hf under torchrun)
             *overrides,
         ],
     )

@@ -61,6 +61,7 @@ def _args(model_dir: str, run_dir: Path, *extra: str) -> list[str]:
         "--logging.tensorboard=false",
         "--logging.progress=false",
         "--rollout.max_new_tokens=8",
+        "--rollout.backend=hf",  # exact resume; the vLLM backend's runs are tests/rl/test_vllm_rollout.py
         "--layer1.mgrpo_group_size=4",
         "--layer2.group_size=2",
         "--layer2.selection=sample:2",

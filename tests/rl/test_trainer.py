@@ -52,6 +52,7 @@ def _config(model_dir: str, run_dir: Path, *extra: str, reward: str = "parity_re
             "--checkpoint.every=1",
             "--eval.at_end=false",
             "--data.instruction=null",
+            "--rollout.backend=hf",  # bitwise determinism (resume = uninterrupted) is the hf backend's
             *extra,
         ],
     )

@@ -51,7 +51,14 @@ import numpy as np
 import torch
 
 from mgrpo_fast.models.checkpoints import stop_token_ids
-from mgrpo_fast.rl.rollout.base import Completion, FinishReason, SamplingParams, is_integer_value
+from mgrpo_fast.rl.rollout.base import (
+    Completion,
+    SamplingParams,
+    check_generate_args,
+    check_prompts,
+    finish_completions,
+    has_stop,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -151,33 +158,14 @@ def _hooks():
                 skip_special_tokens=False,
             )
             for r, tail in enumerate(tails):
-                if self.stopped_at[r] is None and _has_stop(tail, self.stops):
+                if self.stopped_at[r] is None and has_stop(tail, self.stops):
                     full = input_ids[r, self.width :].tolist()
-                    if _has_stop(self.tokenizer.decode(full, skip_special_tokens=False), self.stops):
+                    if has_stop(self.tokenizer.decode(full, skip_special_tokens=False), self.stops):
                         self.stopped_at[r] = n
             done = [s is not None for s in self.stopped_at]
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     return Sampler, StopStrings
-
-
-def _has_stop(text: str, stops: Sequence[str]) -> bool:
-    return any(s in text for s in stops)
-
-
-def _first_stop(ids: list[int], tokenizer: Any, stops: Sequence[str]) -> int | None:
-    """Length of the shortest prefix of ``ids`` whose decoding contains a stop string (or ``None``).
-    Binary search: a prefix's decoding is a prefix of a longer one's (up to a trailing partial char)."""
-    contains = lambda k: _has_stop(tokenizer.decode(ids[:k], skip_special_tokens=False), stops)
-    if not ids or not contains(len(ids)):
-        return None
-    lo, hi = 0, len(ids)
-    if not contains(hi - 1):  # the usual case: the last token completes it
-        return hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if contains(mid) else (mid, hi)
-    return hi
 
 
 class HFGenerateBackend:
@@ -225,41 +213,12 @@ class HFGenerateBackend:
         self.vocab_size = int(getattr(emb, "num_embeddings", model.config.vocab_size))
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
 
-    def _check_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        if not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)):
-            raise TypeError(f"prompts: expected a list of token-id lists, got {type(prompts).__name__}")
-        out = []
-        for i, p in enumerate(prompts):
-            if isinstance(p, torch.Tensor):
-                p = p.tolist()
-            is_ids = isinstance(p, Sequence) and not isinstance(p, (str, bytes))
-            if not is_ids or not all(is_integer_value(t) for t in p):
-                raise TypeError(f"prompts[{i}]: expected a list of int token ids, got {p!r:.80}")
-            if len(p) == 0:
-                raise ValueError(f"prompts[{i}]: empty prompt (the first token needs a context)")
-            bad = [int(t) for t in p if not 0 <= t < self.vocab_size]
-            if bad:
-                vocab = self.vocab_size
-                raise ValueError(f"prompts[{i}]: token id {bad[0]} outside the vocabulary [0, {vocab})")
-            if self.max_positions is not None and len(p) + max_new_tokens > self.max_positions:
-                raise ValueError(
-                    f"prompts[{i}]: {len(p)} prompt tokens + max_new_tokens={max_new_tokens} exceed the "
-                    f"model's max_position_embeddings={self.max_positions}; truncate or drop the prompt"
-                )
-            out.append([int(t) for t in p])
-        return out
-
     def generate(
         self, prompts: list[list[int]], *, num_samples: int, params: SamplingParams, seed: int
     ) -> list[Completion]:
         """``len(prompts) * num_samples`` completions, prompt-major (``out[p * num_samples + s]``)."""
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
-        if not is_integer_value(num_samples) or num_samples < 1:
-            raise ValueError(f"num_samples: expected an integer >= 1, got {num_samples!r}")
-        if not is_integer_value(seed):
-            raise TypeError(f"seed: expected an int, got {seed!r}")
-        prompts = self._check_prompts(prompts, params.max_new_tokens)
+        check_generate_args(params, num_samples, seed)
+        prompts = check_prompts(prompts, self.vocab_size, self.max_positions, params.max_new_tokens)
         from transformers import GenerationConfig
 
         model = self.model
@@ -317,25 +276,10 @@ class HFGenerateBackend:
         logprobs = None
         if params.return_logprobs:
             logprobs = torch.stack(sampler.logprobs, dim=1).float().cpu().tolist()
-        eos = set(self.eos_token_ids)
-        results = []
+        raw = []
         for r, (p, s) in enumerate(rows):
             ids = generated[r]
             if stopper is not None and stopper.stopped_at[r] is not None:
                 ids = ids[: stopper.stopped_at[r]]  # what follows is padding
-            reason: FinishReason = "length"
-            cut = next((i for i, t in enumerate(ids) if t in eos), None)
-            if cut is not None:
-                ids, reason = ids[: cut + 1], "eos"
-            if params.stop:
-                k = _first_stop(ids, self.tokenizer, params.stop)
-                if k is not None and not (reason == "eos" and k == len(ids)):
-                    ids, reason = ids[:k], "stop"
-            results.append((p, s, ids, reason, None if logprobs is None else logprobs[r][: len(ids)]))
-        texts = self.tokenizer.batch_decode([ids for _, _, ids, _, _ in results], skip_special_tokens=True)
-        return [
-            Completion(
-                prompt_index=p, sample_index=s, token_ids=ids, text=text, finish_reason=reason, logprobs=lp
-            )
-            for (p, s, ids, reason, lp), text in zip(results, texts)
-        ]
+            raw.append((p, s, ids, None if logprobs is None else logprobs[r]))
+        return finish_completions(raw, self.eos_token_ids, self.tokenizer, params.stop)
