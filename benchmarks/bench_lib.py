@@ -161,11 +161,14 @@ def calibrate_peaked_scale(
     return math.exp(0.5 * (lo + hi))
 
 
+SAMPLE_CHUNK = 2048  # rows per logits block when sampling targets (a CPU run lowers it)
+
+
 def _sample_targets(
-    hidden: torch.Tensor, weight: torch.Tensor, gen: torch.Generator, chunk: int = 2048
+    hidden: torch.Tensor, weight: torch.Tensor, gen: torch.Generator, chunk: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Targets drawn from each row's own softmax (Gumbel-max), with their log-probs and entropies."""
-    n = hidden.shape[0]
+    n, chunk = hidden.shape[0], chunk or SAMPLE_CHUNK
     targets = torch.empty(n, dtype=torch.long, device=hidden.device)
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     ent = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -542,7 +545,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
@@ -595,7 +598,7 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton_version,
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     for name in ("cut_cross_entropy", "liger_kernel"):

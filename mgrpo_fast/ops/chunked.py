@@ -115,14 +115,14 @@ def softmax_stats(
     ``p = softmax(z)``, the one other ``(c, V)`` block of the call, is returned with ``keep_probs``
     (for :func:`dlogits_`), else freed (``None``).
     """
-    lse = torch.logsumexp(z, dim=-1)
+    m = z.amax(dim=1, keepdim=True)
+    p = torch.sub(z, m).exp_()  # one pass for both the normalizer and the probabilities
+    total = p.sum(dim=1, keepdim=True)
+    lse = (m + total.log()).squeeze(1)
     logp = z.gather(1, targets[:, None]).squeeze(1) - lse
-    p = torch.sub(z, lse[:, None]).exp_()
-    if keep_probs:
-        entropy = lse - (p[:, None, :] @ z[:, :, None]).view(-1)  # lse - Σ p z: c dot products, no third block
-        return logp, entropy, lse, p
-    entropy = lse - p.mul_(z).sum(1)
-    return logp, entropy, lse, None
+    p.div_(total)
+    entropy = lse - (p[:, None, :] @ z[:, :, None]).view(-1)  # lse - Σ p z: c dot products, no third block
+    return logp, entropy, lse, p if keep_probs else None
 
 
 def probs_(z: torch.Tensor, lse: torch.Tensor, *, keep_logits: bool) -> torch.Tensor:
@@ -159,8 +159,9 @@ def dlogits_(
             p.copy_(z)
     else:
         p.mul_(-grad_logp[:, None])
-    if grad_logp is not None:
-        p.scatter_add_(1, targets[:, None], grad_logp[:, None].to(p.dtype))
+    if grad_logp is not None:  # + g at each row's target (one element per row)
+        flat = torch.arange(p.shape[0], device=p.device) * p.shape[1] + targets
+        p.view(-1).index_add_(0, flat, grad_logp.to(p.dtype))
     if temperature != 1.0:
         p /= temperature
     return p

@@ -192,8 +192,12 @@ def select_rows(
         check_ndim("row_index", row_index, (1,), "a 1-D tensor (M,) of row indices")
         check_index_range("row_index", row_index, hidden2d.shape[0], "number of rows")
         row_index = row_index.long()
-        hidden2d = hidden2d.index_select(0, row_index)
-        targets1d = targets1d.index_select(0, row_index)
+        every_row = row_index.numel() == hidden2d.shape[0] and bool(
+            torch.equal(row_index, torch.arange(row_index.numel(), device=row_index.device))
+        )
+        if not every_row:  # all rows in order (e.g. a mask of ones): a view, no copy and no scatter back
+            hidden2d = hidden2d.index_select(0, row_index)
+            targets1d = targets1d.index_select(0, row_index)
         out_shape = row_index.shape
     check_index_range("targets", targets1d, vocab, "V")
     return hidden2d, targets1d.long(), out_shape
