@@ -384,19 +384,21 @@ def _sdpa_segments(q, k, v, packing, *, causal, scale, sliding_window, dropout, 
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    # (T, H, D) -> (1, H, T, D) views; each segment is a slice along T
-    qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    # (T, H, D) -> (1, H, T, D) views, cut into the segments by ONE split per tensor: its backward
+    # concatenates the segments' gradients once, where a slice per segment would make autograd
+    # allocate and fill a zero (1, H, T, D) gradient for every segment (O(S T H D) per tensor)
+    # (packing.bounds run from 0 to T: the lengths sum to T)
+    lengths = [b - a for a, b in zip(packing.bounds[:-1], packing.bounds[1:])]
+    segments = zip(*(x.transpose(0, 1).unsqueeze(0).split(lengths, dim=2) for x in (q, k, v)))
     outs = []
-    bounds = packing.bounds
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if b == a:
+    for length, (q_seg, k_seg, v_seg) in zip(lengths, segments):
+        if length == 0:
             continue
-        length = b - a
         mask = None
         if sliding_window is not None and length > sliding_window:
             mask = _band_mask(length, sliding_window, causal, q.device)
         out = F.scaled_dot_product_attention(
-            qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b],
+            q_seg, k_seg, v_seg,
             attn_mask=mask, dropout_p=dropout, is_causal=causal and mask is None and length > 1, scale=scale,
         )  # fmt: skip
         outs.append(out)
