@@ -172,7 +172,9 @@ def measure_case(
                 step()
                 samples[provider].append(time.perf_counter() - t0)
             step.reset()
-            records[provider]["peak_extra_mib"] = round(max(records[provider]["peak_extra_mib"], peak.extra_mib), 1)
+            records[provider]["peak_extra_mib"] = round(
+                max(records[provider]["peak_extra_mib"], peak.extra_mib), 1
+            )
             gc.collect()
     ours = statistics.median(samples["torch"]) if samples.get("torch") else None
     for provider in names:
@@ -259,7 +261,10 @@ def main() -> int:
         for dtype_name in env_list("MGRPO_CPU_BENCH_DTYPES", tuple(DTYPES)):
             print(f"{'x'.join(map(str, shape))} {dtype_name}: load {load_average()}", flush=True)
             records.extend(measure_case(shape, dtype_name, providers, rounds()))
-            print(table([r for r in records if r["shape"] == list(shape) and r["dtype"] == dtype_name]), flush=True)
+            print(
+                table([r for r in records if r["shape"] == list(shape) and r["dtype"] == dtype_name]),
+                flush=True,
+            )
             path = write_results(records)  # after every case: an interrupted run keeps what it measured
     print(table(records))
     print(f"results: {path}")

@@ -31,6 +31,8 @@ CPU_BLOCK_BYTES = 96 << 20
 GPU_BLOCK_BYTES = 256 << 20
 # The fp32 weight slice the CPU logits GEMM upcasts into (reused across slices and chunks).
 WEIGHT_SLICE_BYTES = 16 << 20
+# Rows per step of the in-place softmax statistics (``softmax_stats(in_place=True)``).
+STATS_ROWS = 16
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -62,7 +64,9 @@ class LogitsGemm:
     weight-slice buffer.
     """
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float):
+    def __init__(
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
+    ):
         self.acc = accumulation_dtype(hidden, weight)
         self.temperature = float(temperature)
         self.bias = None if bias is None else bias.to(self.acc)
@@ -74,7 +78,9 @@ class LogitsGemm:
         if self.sliced:
             width = max(weight.shape[1], 1)
             slice_rows = max(64, min(weight.shape[0], WEIGHT_SLICE_BYTES // (4 * width)))
-            self.buffer = torch.empty((slice_rows, weight.shape[1]), dtype=torch.float32, device=weight.device)
+            self.buffer = torch.empty(
+                (slice_rows, weight.shape[1]), dtype=torch.float32, device=weight.device
+            )
 
     def hidden_operand(self, h_chunk: torch.Tensor) -> torch.Tensor:
         """The chunk's rows in the dtype the logits GEMM reads."""
@@ -108,21 +114,37 @@ class LogitsGemm:
 
 
 def softmax_stats(
-    z: torch.Tensor, targets: torch.Tensor, *, keep_probs: bool = False
+    z: torch.Tensor, targets: torch.Tensor, *, keep_probs: bool = False, in_place: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(logp, entropy, lse, p)`` of each row of the logits block ``z (c, V)``; ``z`` is kept.
+    """``(logp, entropy, lse, p)`` of each row of the logits block ``z (c, V)``.
 
-    ``p = softmax(z)``, the one other ``(c, V)`` block of the call, is returned with ``keep_probs``
-    (for :func:`dlogits_`), else freed (``None``).
+    ``p = softmax(z)`` is returned with ``keep_probs`` (for :func:`dlogits_`), else ``None``. With
+    ``in_place`` the probabilities overwrite ``z`` (``p`` is ``z``, the logits are gone) and the
+    call needs no second ``(c, V)`` block: it walks ``STATS_ROWS`` rows at a time; without it
+    ``z`` is kept and ``p`` is a second block.
     """
     m = z.amax(dim=1, keepdim=True)
-    p = torch.sub(z, m).exp_()  # one pass for both the normalizer and the probabilities
-    total = p.sum(dim=1, keepdim=True)
+    logp = z.gather(1, targets[:, None]).squeeze(1) - m.squeeze(1)  # - log Σ exp(z - m) below
+    if in_place:
+        total = torch.empty_like(m)
+        weighted = torch.empty_like(m)  # Σ_k e_k z_k, e = exp(z - m)
+        for start in range(0, z.shape[0], STATS_ROWS):
+            rows = slice(start, start + STATS_ROWS)
+            e = torch.sub(z[rows], m[rows]).exp_()  # (STATS_ROWS, V): the only temporary
+            total[rows] = e.sum(dim=1, keepdim=True)
+            weighted[rows] = (e[:, None, :] @ z[rows, :, None]).view(-1, 1)
+            z[rows] = e
+        p = z
+    else:
+        p = torch.sub(z, m).exp_()  # one pass for both the normalizer and the probabilities
+        total = p.sum(dim=1, keepdim=True)
+        weighted = (p[:, None, :] @ z[:, :, None]).view(-1, 1)
     lse = (m + total.log()).squeeze(1)
-    logp = z.gather(1, targets[:, None]).squeeze(1) - lse
-    p.div_(total)
-    entropy = lse - (p[:, None, :] @ z[:, :, None]).view(-1)  # lse - Σ p z: c dot products, no third block
-    return logp, entropy, lse, p if keep_probs else None
+    logp -= total.log().squeeze(1)
+    entropy = lse - (weighted / total).view(-1)  # lse - Σ p z
+    if not keep_probs:
+        return logp, entropy, lse, None
+    return logp, entropy, lse, p.div_(total)
 
 
 def probs_(z: torch.Tensor, lse: torch.Tensor, *, keep_logits: bool) -> torch.Tensor:
@@ -173,26 +195,61 @@ def gradient_gemms(
     gemm: LogitsGemm,
     grad_hidden: torch.Tensor | None,
     grad_weight: torch.Tensor | None,
-    grad_bias: torch.Tensor | None,
 ) -> None:
-    """One chunk's share of the gradients from its ``dz = dL/dlogits (c, V)`` (accumulation dtype):
-    ``grad_hidden[:] = dz @ W`` (written in its own dtype), ``grad_weight += dz.T @ h_chunk`` into the
-    fp32/fp64 ``(V, H)`` accumulator, ``grad_bias += dz.sum(0)``.
+    """One chunk's share of the GEMM gradients from its ``dz = dL/dlogits (c, V)`` as
+    :func:`gradient_operand` returns it: ``grad_hidden[:] = dz @ W`` (written in its own dtype),
+    ``grad_weight += dz.T @ h_chunk`` into the fp32/fp64 ``(V, H)`` accumulator.
     """
-    if grad_bias is not None:
-        grad_bias += dz.sum(0)
     weight = gemm.weight
     if weight.dtype in LOW_PRECISION and h_chunk.dtype == weight.dtype:
-        # dz in the operand dtype; the GEMMs accumulate in fp32 (CUDA: fp32 output; CPU: the
-        # native 16-bit GEMM, its output rounded once)
+        # dz in the operand dtype (a no-op after gradient_operand); the GEMMs accumulate in fp32
+        # (CUDA: fp32 output; CPU: the native 16-bit GEMM, its output rounded once)
         d = dz.to(weight.dtype)
-        cuda = {"out_dtype": torch.float32} if d.is_cuda else {}
+        if d.is_cuda:
+            if grad_hidden is not None:
+                grad_hidden.copy_(torch.mm(d, weight, out_dtype=torch.float32))
+            if grad_weight is not None:
+                grad_weight.add_(torch.mm(d.T, h_chunk, out_dtype=torch.float32))
+            return
         if grad_hidden is not None:
-            grad_hidden.copy_(torch.mm(d, weight, **cuda))
+            torch.mm(d, weight, out=grad_hidden)
         if grad_weight is not None:
-            grad_weight.add_(torch.mm(d.T, h_chunk, **cuda))
+            # one vocabulary slice at a time: the 16-bit product of a slice is the only temporary
+            step = gemm.buffer.shape[0] if gemm.buffer is not None else weight.shape[0]
+            for start in range(0, weight.shape[0], step):
+                stop = min(start + step, weight.shape[0])
+                grad_weight[start:stop] += torch.mm(d[:, start:stop].T, h_chunk)
         return
     if grad_hidden is not None:
         grad_hidden.copy_(torch.mm(dz, weight.to(dz.dtype)))
     if grad_weight is not None:
         grad_weight.addmm_(dz.T, h_chunk.to(dz.dtype))
+
+
+def gradient_operand(
+    dz: torch.Tensor, gemm: LogitsGemm, h_chunk: torch.Tensor, grad_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``grad_bias += dz.sum(0)`` from the accumulation-dtype block, then ``dz`` in the dtype the
+    gradient GEMMs read: the 16-bit operand dtype for 16-bit operands of one dtype, else ``dz``
+    itself (16-bit: in place, :func:`narrow_in_place`)."""
+    if grad_bias is not None:
+        grad_bias += dz.sum(0)
+    weight = gemm.weight
+    if weight.dtype in LOW_PRECISION and h_chunk.dtype == weight.dtype:
+        return narrow_in_place(dz, weight.dtype)
+    return dz
+
+
+def narrow_in_place(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The contiguous fp32 ``block (c, V)`` rounded to the 16-bit ``dtype``, written into the first
+    half of its own storage (the fp32 values are gone): no second block.
+
+    ``STATS_ROWS`` rows at a time through a small temporary: 16-bit rows ``[a, b)`` occupy the bytes
+    of fp32 rows ``[a/2, b/2)``, all of which were read by then.
+    """
+    rows, vocab = block.shape
+    out = block.view(-1).view(dtype)[: rows * vocab].view(rows, vocab)
+    for start in range(0, rows, STATS_ROWS):
+        sl = slice(start, start + STATS_ROWS)
+        out[sl] = block[sl].to(dtype)
+    return out

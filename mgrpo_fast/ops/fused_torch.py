@@ -23,7 +23,14 @@ from __future__ import annotations
 
 import torch
 
-from mgrpo_fast.ops.chunked import LogitsGemm, default_chunk_size, dlogits_, gradient_gemms, softmax_stats
+from mgrpo_fast.ops.chunked import (
+    LogitsGemm,
+    default_chunk_size,
+    dlogits_,
+    gradient_gemms,
+    gradient_operand,
+    softmax_stats,
+)
 from mgrpo_fast.ops.logprobs import select_rows
 from mgrpo_fast.ops.objective import FlatBatch, grpo_objective
 from mgrpo_fast.ops.options import LossOptions
@@ -35,6 +42,13 @@ ROW_LOCAL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 def one_pass_serves(options: LossOptions) -> bool:
     """Whether the objective of ``options`` is row-local, so the one-pass path computes it exactly."""
     return options.importance_sampling_level == "token" and options.loss_type in ROW_LOCAL_LOSS_TYPES
+
+
+def entropy_differentiated(options: LossOptions) -> bool:
+    """Whether the objective of ``options`` has a gradient through the entropy (then each chunk
+    keeps its logits block for ``dentropy/dz``). The objective uses the entropy as a metric only."""
+    del options
+    return False
 
 
 def _scatter(values: torch.Tensor, size: int, positions: torch.Tensor) -> torch.Tensor:
@@ -60,24 +74,36 @@ class TorchFusedLinearGRPOLoss(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         logp = torch.zeros(rows, dtype=acc, device=hidden.device)
         entropy = torch.zeros_like(logp)
+        need_grad = need_h or need_w or need_b
+        # the logits block is needed after the statistics only for an entropy gradient; otherwise
+        # the probabilities overwrite it and each chunk holds ONE (c, V) block
+        keep_logits = need_grad and entropy_differentiated(options)
         for start in range(0, rows, chunk_size):
             sl = slice(start, min(start + chunk_size, rows))
             z = gemm(hidden[sl])
-            need_grad = need_h or need_w or need_b
-            logp[sl], entropy[sl], lse, p = softmax_stats(z, targets[sl], keep_probs=need_grad)
+            logp[sl], entropy[sl], lse, p = softmax_stats(
+                z, targets[sl], keep_probs=need_grad, in_place=not keep_logits
+            )
             if not need_grad:
                 continue
             g_logp, g_ent = _row_gradients(logp, entropy, sl, positions, num_tokens, batch, options)
-            if g_ent is None:
-                del z  # the logp gradient needs p only
-                z = None
-            dz = dlogits_(p, z, targets[sl], lse, entropy[sl], g_logp, g_ent, gemm.temperature)
+            if g_ent is not None and not keep_logits:
+                raise RuntimeError(
+                    "the objective differentiates the entropy: entropy_differentiated must say so"
+                )
+            dz = dlogits_(
+                p, z if keep_logits else None, targets[sl], lse, entropy[sl], g_logp, g_ent, gemm.temperature
+            )
             del z, p
-            gradient_gemms(dz, hidden[sl], gemm, None if grad_h is None else grad_h[sl], grad_w, grad_b)
+            dz = gradient_operand(dz, gemm, hidden[sl], grad_b)  # 16-bit operands: in place
+            gradient_gemms(dz, hidden[sl], gemm, None if grad_h is None else grad_h[sl], grad_w)
             del dz
         with torch.no_grad():
             loss, _ = grpo_objective(
-                _scatter(logp, num_tokens, positions), batch, options, _scatter(entropy, num_tokens, positions)
+                _scatter(logp, num_tokens, positions),
+                batch,
+                options,
+                _scatter(entropy, num_tokens, positions),
             )
         ctx.save_for_backward(
             grad_h,

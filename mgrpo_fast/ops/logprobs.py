@@ -23,6 +23,7 @@ from mgrpo_fast.ops.chunked import (
     default_chunk_size,
     dlogits_,
     gradient_gemms,
+    gradient_operand,
     probs_,
     softmax_stats,
 )
@@ -55,8 +56,8 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         lse = torch.empty_like(logp)
         for start in range(0, rows, chunk_size):
             sl = slice(start, min(start + chunk_size, rows))
-            z = gemm(hidden[sl])  # (chunk, V) fp32: one of the two large temporaries
-            logp[sl], entropy[sl], lse[sl], _ = softmax_stats(z, targets[sl])
+            z = gemm(hidden[sl])  # (chunk, V) fp32: the one large temporary (the statistics reuse it)
+            logp[sl], entropy[sl], lse[sl], _ = softmax_stats(z, targets[sl], in_place=True)
             del z
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.temperature = temperature
@@ -96,7 +97,10 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
                 ctx.temperature,
             )
             del z, p
-            gradient_gemms(dz, hidden[sl], gemm, None if grad_hidden is None else grad_hidden[sl], grad_weight, grad_bias)
+            dz = gradient_operand(dz, gemm, hidden[sl], grad_bias)  # 16-bit operands: in place
+            gradient_gemms(
+                dz, hidden[sl], gemm, None if grad_hidden is None else grad_hidden[sl], grad_weight
+            )
             del dz
         if need_w:
             grad_weight = grad_weight.to(weight.dtype)

@@ -1,0 +1,34 @@
+"""``pytest benchmarks/test_cpu_bench.py``: the CPU loss benchmark (``cpu_bench.py``, ``make bench-cpu``)
+on one small shape, every provider that is installed, one timed round: the run records each
+provider's time, ratio and peak memory and writes its JSON (machine, commit, date). The full table
+(the README's shapes) is ``make bench-cpu``. Never asserts on time.
+"""
+
+from __future__ import annotations
+
+import json
+
+import cpu_bench
+import pytest
+
+SHAPE = (256, 64, 4096)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+def test_cpu_bench_records_every_provider(dtype_name, tmp_path, monkeypatch):
+    monkeypatch.setenv("MGRPO_BENCH_RESULTS", str(tmp_path))
+    records = cpu_bench.measure_case(SHAPE, dtype_name, cpu_bench.PROVIDERS, n_rounds=1)
+    by_provider = {r["provider"]: r for r in records}
+    assert set(by_provider) == set(cpu_bench.PROVIDERS)
+    ours = by_provider["torch"]
+    assert ours["status"] == "ok", ours.get("error")
+    assert ours["ratio_to_torch"] == 1.0 and ours["seconds"] > 0 and ours["peak_extra_mib"] >= 0
+    assert by_provider["naive"]["status"] == "ok", by_provider["naive"].get("error")
+    liger = by_provider["liger"]
+    assert liger["status"] in ("ok", "unavailable"), liger.get("error")
+    if liger["status"] == "ok":
+        assert liger["ratio_to_torch"] > 0
+    path = cpu_bench.write_results(records)
+    payload = json.loads(open(path, encoding="utf-8").read())
+    assert {"machine", "cpu", "commit", "date", "torch", "threads"} <= set(payload)
+    assert len(payload["results"]) == len(records)
