@@ -5,9 +5,13 @@ What is measured, per shape ``(N tokens, H, V)``, logit regime and mode:
 * providers: ``triton`` (this project's fused kernels, ``impl="triton"``), ``torch`` (the chunked
   pure-PyTorch path, ``impl="torch"``), ``naive`` (full fp32 logits, then ``log_softmax``/``gather``
   and the GRPO math), ``cce`` (Apple's Cut Cross-Entropy, ``linear_cross_entropy(...,
-  reduction="none")`` = -logp, GRPO math on top), ``liger`` (``LigerFusedLinearGRPOLoss``), and
-  ``floor``: cuBLAS bf16 GEMMs of the same shapes (forward: ``N x H x V``, 2NHV FLOPs; forward +
-  backward: the three GEMMs of a linear layer, 6NHV FLOPs), timed in the same run;
+  reduction="none")`` = -logp, GRPO math on top), ``liger`` (``LigerFusedLinearGRPOLoss``),
+  ``trl`` (TRL's fused LM head, on by default in ``GRPOTrainer`` since TRL 1.15:
+  ``trl.kernels.ChunkedLogProbFunction`` gives the log-probs and entropies, GRPO math on top),
+  ``quack`` (``quack-kernels``' ``linear_cross_entropy_func(..., reduction="none")`` = -logp, GRPO
+  math on top; its CuTe-DSL kernels need Hopper or newer), and ``floor``: cuBLAS bf16 GEMMs of
+  the same shapes (forward: ``N x H x V``, 2NHV FLOPs; forward + backward: the three GEMMs of a
+  linear layer, 6NHV FLOPs), timed in the same run;
 * regimes: ``diffuse`` (random weights, entropy about ln V) and ``peaked`` (hidden states scaled so
   the mean entropy is about 1 nat, like a trained LM; the scale is found once per shape by
   bisection on a sample of rows);
@@ -50,7 +54,7 @@ SHAPES: tuple[tuple[int, int, int], ...] = ((16384, 1536, 151936), (8192, 3584, 
 REGIMES = ("diffuse", "peaked")
 MODES = ("fwd", "fwd_bwd")
 # The floor runs first in each (shape, regime, mode) group so every other record gets its ratio.
-PROVIDERS = ("floor", "triton", "torch", "naive", "cce", "liger")
+PROVIDERS = ("floor", "triton", "torch", "naive", "cce", "liger", "trl", "quack")
 OURS = ("triton", "torch")  # a failure of these fails the benchmark; baselines are only recorded
 SEQ_LEN = 1024  # tokens per sequence of the padded (B, T) batch all providers see
 PEAKED_ENTROPY = 1.0  # nats
@@ -256,11 +260,15 @@ class Unavailable(Exception):
     """The provider cannot run here (package not installed, mode not offered)."""
 
 
+# The package each third-party provider imports (``gpu_check --dry-run`` lists their availability).
+PROVIDER_MODULES = {"cce": "cut_cross_entropy", "liger": "liger_kernel", "trl": "trl", "quack": "quack"}
+
+
 def check_available(provider: str, mode: str) -> None:
     """Raise ``Unavailable`` (cheaply, before any inputs are built) if ``provider`` cannot run ``mode``."""
     if provider == "liger" and mode == "fwd":
         raise Unavailable("Liger's GRPO loss has no forward-only (log-prob) mode")
-    module = {"cce": "cut_cross_entropy", "liger": "liger_kernel"}.get(provider)
+    module = PROVIDER_MODULES.get(provider)
     if module is not None:
         import importlib.util
 
@@ -423,6 +431,63 @@ def _make_fn(provider: str, mode: str, inp: Inputs) -> Step | Callable[[], Any]:
             (out[0] if isinstance(out, tuple) else out).backward()
 
         return Step(liger_step, (h, w))
+
+    if provider == "trl":
+        try:
+            from trl.kernels import ChunkedLogProbFunction
+        except Exception as exc:
+            raise Unavailable(
+                f"trl.kernels.ChunkedLogProbFunction not importable (TRL >= 1.15; {exc})"
+            ) from None
+        chunk = 32768  # TRL's own chunk (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+
+        def trl_logprobs(h, w):
+            # positional: hidden, weight, bias, targets, temperature, chunk, softcap, logit scale, outputs
+            out = ChunkedLogProbFunction.apply(
+                h, w, None, tg, 1.0, chunk, None, 1.0, ("log_probs", "entropy")
+            )
+            return out[0]
+
+        if fwd:
+
+            def trl_fwd():
+                with torch.no_grad():
+                    trl_logprobs(h_, w_)
+
+            return trl_fwd
+        h, w = _leaves(inp)
+
+        def trl_step():
+            h.grad = w.grad = None
+            _grpo_math(trl_logprobs(h, w).float().view(b, t), inp).backward()
+
+        return Step(trl_step, (h, w))
+
+    if provider == "quack":
+        try:
+            from quack.linear_cross_entropy import linear_cross_entropy_func
+        except Exception as exc:
+            raise Unavailable(
+                f"quack.linear_cross_entropy not importable ({type(exc).__name__}: {exc})"
+            ) from None
+
+        def quack_logp(h, w):
+            return -linear_cross_entropy_func(h, w, None, tg, reduction="none").float()
+
+        if fwd:
+
+            def quack_fwd():
+                with torch.no_grad():
+                    quack_logp(h_, w_)
+
+            return quack_fwd
+        h, w = _leaves(inp)
+
+        def quack_step():
+            h.grad = w.grad = None
+            _grpo_math(quack_logp(h, w).view(b, t), inp).backward()
+
+        return Step(quack_step, (h, w))
 
     raise ValueError(f"unknown provider {provider!r}")
 

@@ -10,6 +10,7 @@ import json
 
 import cpu_bench
 import pytest
+import torch
 
 SHAPE = (256, 64, 4096)
 
@@ -32,3 +33,25 @@ def test_cpu_bench_records_every_provider(dtype_name, tmp_path, monkeypatch):
     payload = json.loads(open(path, encoding="utf-8").read())
     assert {"machine", "cpu", "commit", "date", "torch", "threads"} <= set(payload)
     assert len(payload["results"]) == len(records)
+
+
+@pytest.mark.parametrize("provider", ["naive", "liger", "trl"])
+def test_providers_compute_our_loss(provider):
+    # every provider of the tables differentiates the same dapo loss: its gradients equal ours (fp32,
+    # a tiny shape on CPU); a provider whose package is absent is skipped
+    cpu_bench.bl.DEVICE, cpu_bench.bl.DTYPE = "cpu", torch.float32
+    inp = cpu_bench.bl.get_inputs((96, 16, 211), "diffuse")
+    try:
+        cpu_bench.bl.check_available(provider, "fwd_bwd")
+        theirs = cpu_bench.bl.make_step(provider, "fwd_bwd", inp)
+    except cpu_bench.bl.Unavailable as exc:
+        pytest.skip(str(exc))
+    ours = cpu_bench.bl.make_step("torch", "fwd_bwd", inp)
+    grads = []
+    for step in (ours, theirs):
+        step()
+        grads.append([leaf.grad.clone() for leaf in step.leaves])
+    for name, a, b in zip(("hidden", "weight"), *grads):
+        torch.testing.assert_close(
+            b, a, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{provider} grad {name}: {m}"
+        )
