@@ -305,6 +305,28 @@ class Step:
             leaf.grad = None
 
 
+def _logprob_baseline(
+    inp: Inputs, fwd: bool, logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> Step | Callable[[], Any]:
+    """The step of a third-party provider that gives per-token log-probs ``logprobs(hidden, weight)
+    (N,)``: forward only (no autograd), or the GRPO math on top and ``backward()``."""
+    if fwd:
+
+        def forward_only():
+            with torch.no_grad():
+                logprobs(inp.hidden, inp.weight)
+
+        return forward_only
+    h, w = _leaves(inp)
+    b, t = inp.batch
+
+    def step():
+        h.grad = w.grad = None
+        _grpo_math(logprobs(h, w).float().view(b, t), inp).backward()
+
+    return Step(step, (h, w))
+
+
 def make_step(provider: str, mode: str, inp: Inputs) -> Step:
     """The step of ``provider`` in ``mode`` on ``inp``; raises ``Unavailable`` when it cannot run."""
     step = _make_fn(provider, mode, inp)
@@ -379,21 +401,7 @@ def _make_fn(provider: str, mode: str, inp: Inputs) -> Step | Callable[[], Any]:
             from cut_cross_entropy import linear_cross_entropy
         except Exception as exc:
             raise Unavailable(f"cut_cross_entropy not importable ({type(exc).__name__}: {exc})") from None
-        if fwd:
-
-            def cce_fwd():
-                with torch.no_grad():
-                    linear_cross_entropy(h_, w_, tg, reduction="none")
-
-            return cce_fwd
-        h, w = _leaves(inp)
-
-        def cce_step():
-            h.grad = w.grad = None
-            logp = -linear_cross_entropy(h, w, tg, reduction="none").float().view(b, t)
-            _grpo_math(logp, inp).backward()
-
-        return Step(cce_step, (h, w))
+        return _logprob_baseline(inp, fwd, lambda h, w: -linear_cross_entropy(h, w, tg, reduction="none"))
 
     if provider == "liger":
         try:
@@ -440,28 +448,13 @@ def _make_fn(provider: str, mode: str, inp: Inputs) -> Step | Callable[[], Any]:
                 f"trl.kernels.ChunkedLogProbFunction not importable (TRL >= 1.15; {exc})"
             ) from None
         chunk = 32768  # TRL's own chunk (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
-
-        def trl_logprobs(h, w):
-            # positional: hidden, weight, bias, targets, temperature, chunk, softcap, logit scale, outputs
-            out = ChunkedLogProbFunction.apply(
-                h, w, None, tg, 1.0, chunk, None, 1.0, ("log_probs", "entropy")
-            )
-            return out[0]
-
-        if fwd:
-
-            def trl_fwd():
-                with torch.no_grad():
-                    trl_logprobs(h_, w_)
-
-            return trl_fwd
-        h, w = _leaves(inp)
-
-        def trl_step():
-            h.grad = w.grad = None
-            _grpo_math(trl_logprobs(h, w).float().view(b, t), inp).backward()
-
-        return Step(trl_step, (h, w))
+        outputs = ("log_probs", "entropy")
+        # positional: hidden, weight, bias, targets, temperature, chunk, softcap, logit scale, outputs
+        return _logprob_baseline(
+            inp,
+            fwd,
+            lambda h, w: ChunkedLogProbFunction.apply(h, w, None, tg, 1.0, chunk, None, 1.0, outputs)[0],
+        )
 
     if provider == "quack":
         try:
@@ -470,24 +463,9 @@ def _make_fn(provider: str, mode: str, inp: Inputs) -> Step | Callable[[], Any]:
             raise Unavailable(
                 f"quack.linear_cross_entropy not importable ({type(exc).__name__}: {exc})"
             ) from None
-
-        def quack_logp(h, w):
-            return -linear_cross_entropy_func(h, w, None, tg, reduction="none").float()
-
-        if fwd:
-
-            def quack_fwd():
-                with torch.no_grad():
-                    quack_logp(h_, w_)
-
-            return quack_fwd
-        h, w = _leaves(inp)
-
-        def quack_step():
-            h.grad = w.grad = None
-            _grpo_math(quack_logp(h, w).view(b, t), inp).backward()
-
-        return Step(quack_step, (h, w))
+        return _logprob_baseline(
+            inp, fwd, lambda h, w: -linear_cross_entropy_func(h, w, None, tg, reduction="none")
+        )
 
     raise ValueError(f"unknown provider {provider!r}")
 
@@ -715,11 +693,16 @@ def write_results(records: list[dict[str, Any]] | None = None) -> str | None:
         "flops_note": "fwd: 2NHV, fwd_bwd: 6NHV; floor = cuBLAS bf16 GEMMs of the same shapes",
         "results": ordered,
     }
+    write_json(path, payload)
+    return path
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically (a reader never sees half a file)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1)
     os.replace(tmp, path)
-    return path
 
 
 def summary_table(records: list[dict[str, Any]]) -> str:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
-import json
 import os
 import platform
 import statistics
@@ -226,11 +225,9 @@ def write_results(records: list[dict[str, Any]]) -> str:
     folder = bl.results_dir()
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"cpu-{bl.slug(env['machine'])}-{env['date'][:10]}.json")
-    payload = {**env, "what": "fused GRPO loss (dapo) fwd+bwd from hidden states", "results": records}
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    bl.write_json(
+        path, {**env, "what": "fused GRPO loss (dapo) fwd+bwd from hidden states", "results": records}
+    )
     return path
 
 

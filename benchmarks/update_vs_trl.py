@@ -217,8 +217,7 @@ def main() -> int:
     folder = bl.results_dir()
     os.makedirs(folder, exist_ok=True)
     out = os.path.join(folder, f"update-{bl.slug(record['machine'])}-{record['date'][:10]}.json")
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
+    bl.write_json(out, record)
     print(json.dumps({k: record[k] for k in ("first_loss", "median_s", "trl_over_ours", "load_before")}))
     print(f"results: {out}")
     return 0
