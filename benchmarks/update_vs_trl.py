@@ -4,9 +4,11 @@
 weights (the bundled tiny model, fp32) and update on the same batch, shaped like one demo step's
 (``STEP_SHAPE``: 128 layer-1 sequences of a short prompt, 128 layer-2 sequences whose prompt holds the
 question, a first answer and the correction instruction; completions up to 64 tokens; random token
-ids and advantages, drawn once from a fixed seed). One update is, for both: the ``dapo`` loss
-(``beta = 0``, one policy update per batch, so no old log-probs) forward and backward over the whole
-batch in micro-batches, gradient clipping at 1.0 and an AdamW step.
+ids and advantages, drawn once from a fixed seed): a demo step's rollouts before the groups without
+a reward signal are dropped (a measured demo step trained 64 of them, docs/performance.md). One
+update is, for both: the ``dapo`` loss (``beta = 0``, one policy update per batch, so no old
+log-probs) forward and backward over the whole batch in micro-batches, gradient clipping at 1.0 and
+an AdamW step.
 
 * ours: the trainer's update (``rl.update.PackedPolicy``): the sequences packed into micro-batches of
   at most ``train.max_tokens_per_microbatch = 8192`` tokens (``configs/demo.yaml``), the packed
