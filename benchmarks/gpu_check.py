@@ -96,21 +96,32 @@ def wheels(whl_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(whl_dir, "*.whl")))
 
 
+def bench_constants(names: tuple[str, ...]) -> dict[str, object]:
+    """Literal constants of ``bench_lib.py`` read without importing it (it imports torch, which the
+    machine's python of a dry run may lack)."""
+    import ast
+
+    with open(os.path.join(HERE, "bench_lib.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    found: dict[str, object] = {}
+    for node in tree.body:
+        target = getattr(node, "target", None) or (node.targets[0] if isinstance(node, ast.Assign) else None)
+        if isinstance(target, ast.Name) and target.id in names and node.value is not None:
+            found[target.id] = ast.literal_eval(node.value)
+    return found
+
+
 def provider_lines() -> list[str]:
-    """The benchmark providers at the three GPU shapes, both regimes, both modes, and whether each
-    third-party one's package is installed here (``bench_lib``; nothing is imported)."""
-    sys.path.insert(0, HERE)
-    try:
-        import bench_lib
-    finally:
-        sys.path.remove(HERE)
-    shapes = ", ".join("x".join(map(str, s)) for s in bench_lib.shapes())
+    """The benchmark providers at the GPU shapes, both regimes, both modes, and whether each
+    third-party one's package is installed here (nothing is imported)."""
+    c = bench_constants(("SHAPES", "REGIMES", "MODES", "PROVIDERS", "PROVIDER_MODULES"))
+    shapes = ", ".join("x".join(map(str, s)) for s in c["SHAPES"])
     lines = [
-        f"benchmark providers (shapes N x H x V: {shapes}; regimes {', '.join(bench_lib.REGIMES)}; "
-        f"modes {', '.join(bench_lib.MODES)}):"
+        f"benchmark providers (shapes N x H x V: {shapes}; regimes {', '.join(c['REGIMES'])}; "
+        f"modes {', '.join(c['MODES'])}):"
     ]
-    for provider in bench_lib.PROVIDERS:
-        module = bench_lib.PROVIDER_MODULES.get(provider)
+    for provider in c["PROVIDERS"]:
+        module = c["PROVIDER_MODULES"].get(provider)
         if module is None:
             where = "built in"
         else:

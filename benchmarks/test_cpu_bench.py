@@ -55,3 +55,21 @@ def test_providers_compute_our_loss(provider):
         torch.testing.assert_close(
             b, a, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{provider} grad {name}: {m}"
         )
+
+
+def test_gpu_check_dry_run_lists_every_provider():
+    # `make gpu-check GPU_CHECK_ARGS=--dry-run` runs on the machine's python, which may lack torch:
+    # it lists every provider of bench_lib (the fused LM heads included) without importing it
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, f"{cpu_bench.HERE}/gpu_check.py", "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    for provider in cpu_bench.bl.PROVIDERS:
+        assert f"\n  {provider}: " in out.stdout, provider
+    assert "trl: trl:" in out.stdout and "quack: quack:" in out.stdout
