@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-real compare loss-demo lint clean gpu-check
+.PHONY: test demo demo-real compare loss-demo lint clean gpu-check bench-cpu bench-update
 
 # The virtualenv with mgrpo_fast installed in editable mode (+ dev tools). Rebuilt when the build
 # files or the C++ sources change. torch comes first, from the pinned CPU wheel, unless the venv
@@ -73,6 +73,19 @@ loss-demo: $(STAMP)
 # Lint with ruff (config in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/python -m ruff check .
+
+# The CPU table of the README: the fused GRPO loss fwd+bwd, ours vs Liger vs plain torch side by side in
+# one run (alternating rounds), time ratios and peak memory; JSON in benchmarks/results/cpu-*.json.
+# Liger comes with the dev extra; BENCH_PY picks another interpreter; knobs in benchmarks/cpu_bench.py.
+# glibc returns freed blocks >= 64 KiB to the OS, so the peak resident memory is what a call holds.
+BENCH_PY ?= $(VENV)/bin/python
+bench-cpu:
+	MALLOC_MMAP_THRESHOLD_=65536 PYTHONPATH=. $(BENCH_PY) benchmarks/cpu_bench.py
+
+# The update phase of one demo step, ours beside TRL's GRPOTrainer on the same model and batch, in one
+# run (median of MGRPO_UPDATE_ROUNDS=5 alternating updates); JSON in benchmarks/results/update-*.json.
+bench-update:
+	PYTHONPATH=. $(BENCH_PY) benchmarks/update_vs_trl.py
 
 # On a CUDA machine with torch/triton preinstalled and no network: install the project (pip -e, no
 # deps, no index), install any wheels found in .whl/ into /tmp/site (on PYTHONPATH), run the CUDA

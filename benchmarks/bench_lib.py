@@ -5,9 +5,13 @@ What is measured, per shape ``(N tokens, H, V)``, logit regime and mode:
 * providers: ``triton`` (this project's fused kernels, ``impl="triton"``), ``torch`` (the chunked
   pure-PyTorch path, ``impl="torch"``), ``naive`` (full fp32 logits, then ``log_softmax``/``gather``
   and the GRPO math), ``cce`` (Apple's Cut Cross-Entropy, ``linear_cross_entropy(...,
-  reduction="none")`` = -logp, GRPO math on top), ``liger`` (``LigerFusedLinearGRPOLoss``), and
-  ``floor``: cuBLAS bf16 GEMMs of the same shapes (forward: ``N x H x V``, 2NHV FLOPs; forward +
-  backward: the three GEMMs of a linear layer, 6NHV FLOPs), timed in the same run;
+  reduction="none")`` = -logp, GRPO math on top), ``liger`` (``LigerFusedLinearGRPOLoss``),
+  ``trl`` (TRL's fused LM head, on by default in ``GRPOTrainer`` since TRL 1.15:
+  ``trl.kernels.ChunkedLogProbFunction`` gives the log-probs and entropies, GRPO math on top),
+  ``quack`` (``quack-kernels``' ``linear_cross_entropy_func(..., reduction="none")`` = -logp, GRPO
+  math on top; its CuTe-DSL kernels need Hopper or newer), and ``floor``: cuBLAS bf16 GEMMs of
+  the same shapes (forward: ``N x H x V``, 2NHV FLOPs; forward + backward: the three GEMMs of a
+  linear layer, 6NHV FLOPs), timed in the same run;
 * regimes: ``diffuse`` (random weights, entropy about ln V) and ``peaked`` (hidden states scaled so
   the mean entropy is about 1 nat, like a trained LM; the scale is found once per shape by
   bisection on a sample of rows);
@@ -50,7 +54,7 @@ SHAPES: tuple[tuple[int, int, int], ...] = ((16384, 1536, 151936), (8192, 3584, 
 REGIMES = ("diffuse", "peaked")
 MODES = ("fwd", "fwd_bwd")
 # The floor runs first in each (shape, regime, mode) group so every other record gets its ratio.
-PROVIDERS = ("floor", "triton", "torch", "naive", "cce", "liger")
+PROVIDERS = ("floor", "triton", "torch", "naive", "cce", "liger", "trl", "quack")
 OURS = ("triton", "torch")  # a failure of these fails the benchmark; baselines are only recorded
 SEQ_LEN = 1024  # tokens per sequence of the padded (B, T) batch all providers see
 PEAKED_ENTROPY = 1.0  # nats
@@ -161,11 +165,14 @@ def calibrate_peaked_scale(
     return math.exp(0.5 * (lo + hi))
 
 
+SAMPLE_CHUNK = 2048  # rows per logits block when sampling targets (a CPU run lowers it)
+
+
 def _sample_targets(
-    hidden: torch.Tensor, weight: torch.Tensor, gen: torch.Generator, chunk: int = 2048
+    hidden: torch.Tensor, weight: torch.Tensor, gen: torch.Generator, chunk: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Targets drawn from each row's own softmax (Gumbel-max), with their log-probs and entropies."""
-    n = hidden.shape[0]
+    n, chunk = hidden.shape[0], chunk or SAMPLE_CHUNK
     targets = torch.empty(n, dtype=torch.long, device=hidden.device)
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     ent = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -253,11 +260,15 @@ class Unavailable(Exception):
     """The provider cannot run here (package not installed, mode not offered)."""
 
 
+# The package each third-party provider imports (``gpu_check --dry-run`` lists their availability).
+PROVIDER_MODULES = {"cce": "cut_cross_entropy", "liger": "liger_kernel", "trl": "trl", "quack": "quack"}
+
+
 def check_available(provider: str, mode: str) -> None:
     """Raise ``Unavailable`` (cheaply, before any inputs are built) if ``provider`` cannot run ``mode``."""
     if provider == "liger" and mode == "fwd":
         raise Unavailable("Liger's GRPO loss has no forward-only (log-prob) mode")
-    module = {"cce": "cut_cross_entropy", "liger": "liger_kernel"}.get(provider)
+    module = PROVIDER_MODULES.get(provider)
     if module is not None:
         import importlib.util
 
@@ -292,6 +303,28 @@ class Step:
     def reset(self) -> None:
         for leaf in self.leaves:
             leaf.grad = None
+
+
+def _logprob_baseline(
+    inp: Inputs, fwd: bool, logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> Step | Callable[[], Any]:
+    """The step of a third-party provider that gives per-token log-probs ``logprobs(hidden, weight)
+    (N,)``: forward only (no autograd), or the GRPO math on top and ``backward()``."""
+    if fwd:
+
+        def forward_only():
+            with torch.no_grad():
+                logprobs(inp.hidden, inp.weight)
+
+        return forward_only
+    h, w = _leaves(inp)
+    b, t = inp.batch
+
+    def step():
+        h.grad = w.grad = None
+        _grpo_math(logprobs(h, w).float().view(b, t), inp).backward()
+
+    return Step(step, (h, w))
 
 
 def make_step(provider: str, mode: str, inp: Inputs) -> Step:
@@ -368,21 +401,7 @@ def _make_fn(provider: str, mode: str, inp: Inputs) -> Step | Callable[[], Any]:
             from cut_cross_entropy import linear_cross_entropy
         except Exception as exc:
             raise Unavailable(f"cut_cross_entropy not importable ({type(exc).__name__}: {exc})") from None
-        if fwd:
-
-            def cce_fwd():
-                with torch.no_grad():
-                    linear_cross_entropy(h_, w_, tg, reduction="none")
-
-            return cce_fwd
-        h, w = _leaves(inp)
-
-        def cce_step():
-            h.grad = w.grad = None
-            logp = -linear_cross_entropy(h, w, tg, reduction="none").float().view(b, t)
-            _grpo_math(logp, inp).backward()
-
-        return Step(cce_step, (h, w))
+        return _logprob_baseline(inp, fwd, lambda h, w: -linear_cross_entropy(h, w, tg, reduction="none"))
 
     if provider == "liger":
         try:
@@ -420,6 +439,33 @@ def _make_fn(provider: str, mode: str, inp: Inputs) -> Step | Callable[[], Any]:
             (out[0] if isinstance(out, tuple) else out).backward()
 
         return Step(liger_step, (h, w))
+
+    if provider == "trl":
+        try:
+            from trl.kernels import ChunkedLogProbFunction
+        except Exception as exc:
+            raise Unavailable(
+                f"trl.kernels.ChunkedLogProbFunction not importable (TRL >= 1.15; {exc})"
+            ) from None
+        chunk = 32768  # TRL's own chunk (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+        outputs = ("log_probs", "entropy")
+        # positional: hidden, weight, bias, targets, temperature, chunk, softcap, logit scale, outputs
+        return _logprob_baseline(
+            inp,
+            fwd,
+            lambda h, w: ChunkedLogProbFunction.apply(h, w, None, tg, 1.0, chunk, None, 1.0, outputs)[0],
+        )
+
+    if provider == "quack":
+        try:
+            from quack.linear_cross_entropy import linear_cross_entropy_func
+        except Exception as exc:
+            raise Unavailable(
+                f"quack.linear_cross_entropy not importable ({type(exc).__name__}: {exc})"
+            ) from None
+        return _logprob_baseline(
+            inp, fwd, lambda h, w: -linear_cross_entropy_func(h, w, None, tg, reduction="none")
+        )
 
     raise ValueError(f"unknown provider {provider!r}")
 
@@ -542,7 +588,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
@@ -595,7 +641,7 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton_version,
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     for name in ("cut_cross_entropy", "liger_kernel"):
@@ -647,11 +693,16 @@ def write_results(records: list[dict[str, Any]] | None = None) -> str | None:
         "flops_note": "fwd: 2NHV, fwd_bwd: 6NHV; floor = cuBLAS bf16 GEMMs of the same shapes",
         "results": ordered,
     }
+    write_json(path, payload)
+    return path
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically (a reader never sees half a file)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1)
     os.replace(tmp, path)
-    return path
 
 
 def summary_table(records: list[dict[str, Any]]) -> str:

@@ -18,9 +18,15 @@ run ends inside ``--budget`` seconds (default 470, under 8 minutes):
 
        python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \\
            --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \\
-           --platform manylinux2014_x86_64 -d .whl cut-cross-entropy==25.1.1 liger-kernel==0.8.5
+           --platform manylinux2014_x86_64 -d .whl cut-cross-entropy==25.1.1 liger-kernel==0.8.5 \
+           trl==1.16.0 quack-kernels==0.6.5 nvidia-cutlass-dsl==4.8.1
 
-   ``--no-deps`` fetches none of a wheel's requirements: add each one the GPU image lacks, one version each.
+   ``--no-deps`` fetches none of a wheel's requirements: add each one the GPU image lacks, one version each
+   (``trl`` imports ``transformers`` and ``accelerate``; ``quack-kernels`` runs on ``nvidia-cutlass-dsl``).
+   The benchmark providers (``bench_lib.PROVIDERS``): ours (``triton``, ``torch``), ``naive``, the
+   cuBLAS ``floor``, and each fused LM head whose package is there: ``cce`` (Cut Cross-Entropy),
+   ``liger`` (Liger-Kernel), ``trl`` (TRL's fused LM head) and ``quack`` (quack-kernels); a missing
+   one is recorded as unavailable. ``--dry-run`` lists them and which import.
 3. ``pytest tests/kernels/test_cuda_kernels.py`` (real shapes), then, in a second pytest process, the other
    CUDA-capable test files (those that check ``torch.cuda.is_available()``), with
    ``TRITON_INTERPRET`` removed from the environment.
@@ -88,6 +94,44 @@ def cuda_capable_tests() -> list[str]:
 
 def wheels(whl_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(whl_dir, "*.whl")))
+
+
+def bench_constants(names: tuple[str, ...]) -> dict[str, object]:
+    """Literal constants of ``bench_lib.py`` read without importing it (it imports torch, which the
+    machine's python of a dry run may lack)."""
+    import ast
+
+    with open(os.path.join(HERE, "bench_lib.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    found: dict[str, object] = {}
+    for node in tree.body:
+        target = getattr(node, "target", None) or (node.targets[0] if isinstance(node, ast.Assign) else None)
+        if isinstance(target, ast.Name) and target.id in names and node.value is not None:
+            found[target.id] = ast.literal_eval(node.value)
+    return found
+
+
+def provider_lines() -> list[str]:
+    """The benchmark providers at the GPU shapes, both regimes, both modes, and whether each
+    third-party one's package is installed here (nothing is imported)."""
+    c = bench_constants(("SHAPES", "REGIMES", "MODES", "PROVIDERS", "PROVIDER_MODULES"))
+    shapes = ", ".join("x".join(map(str, s)) for s in c["SHAPES"])
+    lines = [
+        f"benchmark providers (shapes N x H x V: {shapes}; regimes {', '.join(c['REGIMES'])}; "
+        f"modes {', '.join(c['MODES'])}):"
+    ]
+    for provider in c["PROVIDERS"]:
+        module = c["PROVIDER_MODULES"].get(provider)
+        if module is None:
+            where = "built in"
+        else:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            where = f"{module}: {'installed' if found else 'not installed here (a wheel in .whl/ brings it)'}"
+        lines.append(f"  {provider}: {where}")
+    return lines
 
 
 def build_steps(args: argparse.Namespace) -> list[Step]:
@@ -292,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wheels in {args.whl_dir}: {', '.join(map(os.path.basename, whls)) or 'none'}")
         env = base_env(args, has_wheels, repo_on_path=False)
         print(f"environment: TRITON_INTERPRET unset; PYTHONPATH={env.get('PYTHONPATH', '')!r}")
+        for line in provider_lines():
+            print(line)
         for i, s in enumerate(steps, 1):
             extra = " ".join(f"{k}={v}" for k, v in s.env.items())
             print(

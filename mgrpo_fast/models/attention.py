@@ -32,8 +32,13 @@ Backends, chosen per call (``MGRPO_FAST_ATTN_BACKEND=auto|flash_attn|torch_varle
   changed across releases, so it is inspected at run time: causal is ``window_size=(-1, 0)`` where
   that argument exists (2.11+), else ``is_causal=True`` (2.10); ``enable_gqa`` is used where it
   exists, else K/V heads are repeated; ``scale`` where it exists, else q is pre-scaled. No dropout.
-* ``sdpa``: ``F.scaled_dot_product_attention`` per packed segment (``is_causal=True``, or a band
-  mask for a sliding window longer than the segment allows). Exact; the CPU / fp32 fallback.
+* ``sdpa``: ``F.scaled_dot_product_attention``, exact; the CPU / fp32 fallback. Causal attention
+  without a sliding window runs as ONE call on the segments right-padded into a ``(S, H, L_max, D)``
+  batch (``is_causal=True``: a real query never sees a padded key, which all come after it) when
+  the padding costs at most ``PADDED_ATTENTION_MAX_WASTE`` times the attention FLOPs of the segments
+  (``S L_max^2 <= waste * Σ L_s^2``); one call per segment costs far more on CPU for short segments.
+  Otherwise one call per segment (``is_causal=True``, or a band mask for a sliding window longer
+  than the segment), the segments cut by one split per tensor.
 
 Conventions match transformers: query head ``h`` uses KV head ``h // (Hq // Hkv)``; a sliding
 window ``W`` keeps keys ``j`` with ``i - W < j <= i`` (flash ``window_size=(W-1, 0)``).
@@ -54,6 +59,8 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "mgrpo_packed"
+# The padded single-call SDPA runs when S * L_max^2 <= this * sum of L_s^2 (module doc).
+PADDED_ATTENTION_MAX_WASTE = 4.0
 BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
 BACKEND_ENV = "MGRPO_FAST_ATTN_BACKEND"
 # Largest head dim the FlashAttention kernels (both packages) support.
@@ -384,19 +391,21 @@ def _sdpa_segments(q, k, v, packing, *, causal, scale, sliding_window, dropout, 
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    # (T, H, D) -> (1, H, T, D) views; each segment is a slice along T
-    qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    # (T, H, D) -> (1, H, T, D) views, cut into the segments by ONE split per tensor: its backward
+    # concatenates the segments' gradients once, where a slice per segment would make autograd
+    # allocate and fill a zero (1, H, T, D) gradient for every segment (O(S T H D) per tensor)
+    # (packing.bounds run from 0 to T: the lengths sum to T)
+    lengths = [b - a for a, b in zip(packing.bounds[:-1], packing.bounds[1:])]
+    segments = zip(*(x.transpose(0, 1).unsqueeze(0).split(lengths, dim=2) for x in (q, k, v)))
     outs = []
-    bounds = packing.bounds
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if b == a:
+    for length, (q_seg, k_seg, v_seg) in zip(lengths, segments):
+        if length == 0:
             continue
-        length = b - a
         mask = None
         if sliding_window is not None and length > sliding_window:
             mask = _band_mask(length, sliding_window, causal, q.device)
         out = F.scaled_dot_product_attention(
-            qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b],
+            q_seg, k_seg, v_seg,
             attn_mask=mask, dropout_p=dropout, is_causal=causal and mask is None and length > 1, scale=scale,
         )  # fmt: skip
         outs.append(out)
@@ -404,6 +413,40 @@ def _sdpa_segments(q, k, v, packing, *, causal, scale, sliding_window, dropout, 
         return v.new_zeros((q.shape[0], q.shape[1], v.shape[-1]))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.squeeze(0).transpose(0, 1)
+
+
+def _padded_eligible(lengths: list[int], causal: bool, sliding_window: int | None, softcap) -> bool:
+    """Whether ``_sdpa_padded`` serves: causal, no window, no softcap, padding waste bounded."""
+    if not causal or sliding_window is not None or softcap is not None or len(lengths) < 2:
+        return False
+    longest = max(lengths)
+    return len(lengths) * longest**2 <= PADDED_ATTENTION_MAX_WASTE * sum(n * n for n in lengths)
+
+
+def _sdpa_padded(q, k, v, packing, *, scale, dropout):
+    """Causal attention of every packed segment in ONE SDPA call: the ``(T, H, D)`` rows are scattered
+    into a right-padded ``(S, H, L_max, D)`` batch (zeros elsewhere) and gathered back. Exact: with
+    ``is_causal=True`` a real query attends only to keys at or before it, all real; the padded
+    queries' outputs are dropped (and get no gradient)."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    bounds = packing.bounds
+    lengths = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])])
+    count, longest = lengths.numel(), int(lengths.max())
+    starts = torch.tensor(bounds[:-1])
+    # the padded row of every token: segment * L_max + position in the segment
+    slot = torch.arange(q.shape[0]) + (torch.arange(count) * longest - starts).repeat_interleave(lengths)
+    slot = slot.to(q.device)
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        rows = x.new_zeros((count * longest, *x.shape[1:])).index_copy(0, slot, x)
+        return rows.view(count, longest, *x.shape[1:]).transpose(1, 2)  # (S, H, L_max, D)
+
+    out = F.scaled_dot_product_attention(
+        padded(q), padded(k), padded(v), dropout_p=dropout, is_causal=True, scale=scale
+    )
+    return out.transpose(1, 2).reshape(count * longest, q.shape[1], v.shape[-1]).index_select(0, slot)
 
 
 def _varlen_attention(q, k, v, packing: Packing, *, causal, scale, sliding_window, dropout, softcap, backend):
@@ -424,6 +467,9 @@ def _varlen_attention(q, k, v, packing: Packing, *, causal, scale, sliding_windo
         return _flash_attn_forward(q, k, v, packing, dropout=dropout, softcap=softcap, **common)
     if chosen == "torch_varlen":
         return _torch_varlen_forward(q, k, v, packing, **common)
+    lengths = [b - a for a, b in zip(packing.bounds[:-1], packing.bounds[1:])]
+    if _padded_eligible(lengths, causal, sliding_window, softcap):
+        return _sdpa_padded(q, k, v, packing, scale=scale, dropout=dropout)
     return _sdpa_segments(q, k, v, packing, dropout=dropout, softcap=softcap, **common)
 
 

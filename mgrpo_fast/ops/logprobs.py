@@ -17,7 +17,16 @@ from __future__ import annotations
 
 import torch
 
-from mgrpo_fast.kernels._common import matmul_fp32
+from mgrpo_fast.ops.chunked import (
+    LogitsGemm,
+    accumulation_dtype,
+    default_chunk_size,
+    dlogits_,
+    gradient_gemms,
+    gradient_operand,
+    probs_,
+    softmax_stats,
+)
 from mgrpo_fast.ops.dispatch import choose_impl
 from mgrpo_fast.ops.validation import (
     check_float,
@@ -29,54 +38,27 @@ from mgrpo_fast.ops.validation import (
     check_shape,
 )
 
-# Rows per chunk are chosen so one fp32 logits block holds about this many elements (256 MiB).
-LOGITS_BLOCK_ELEMENTS = 1 << 26
-
-
-def default_chunk_size(num_rows: int, vocab: int) -> int:
-    """Rows per chunk: ~64 M fp32 logits per block, at least 1, at most all rows."""
-    return max(1, min(num_rows, LOGITS_BLOCK_ELEMENTS // max(vocab, 1)))
-
-
-def _operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
-    """The operands the GEMMs run on and the dtype of the logits (fp32, or fp64 for fp64 inputs).
-
-    Low-precision operands stay as they are on CUDA (the GEMM accumulates and outputs fp32); on
-    other devices, or when dtypes differ, both are upcast once per call (``O(V * H)`` extra).
-    """
-    acc = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
-    if hidden.dtype == weight.dtype and hidden.dtype in (torch.float16, torch.bfloat16) and hidden.is_cuda:
-        return hidden, weight, acc
-    return hidden.to(acc), weight.to(acc), acc
-
 
 class ChunkedLinearLogprobs(torch.autograd.Function):
     """Autograd op: ``(hidden (M, H), weight (V, H), bias (V,) | None, targets (M,))`` -> ``(logp, entropy)``.
 
     Both outputs are ``(M,)`` in fp32 (fp64 for fp64 inputs). The entropy gradient is computed
-    only when the entropy output receives one.
+    only when the entropy output receives one. The blocks (GEMM dtypes, memory) are those of
+    ``mgrpo_fast.ops.chunked``.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size):
-        h_op, w_op, acc = _operands(hidden, weight)
+        gemm = LogitsGemm(hidden, weight, bias, temperature)
         rows = hidden.shape[0]
-        logp = torch.empty(rows, dtype=acc, device=hidden.device)
+        logp = torch.empty(rows, dtype=gemm.acc, device=hidden.device)
         entropy = torch.empty_like(logp)
         lse = torch.empty_like(logp)
-        bias_acc = None if bias is None else bias.to(acc)
         for start in range(0, rows, chunk_size):
-            stop = min(start + chunk_size, rows)
-            z = matmul_fp32(h_op[start:stop], w_op.T)  # (chunk, V) fp32: the only large temporary
-            if bias_acc is not None:
-                z += bias_acc
-            z /= temperature
-            lse_c = torch.logsumexp(z, dim=-1)
-            logp[start:stop] = z.gather(1, targets[start:stop, None]).squeeze(1) - lse_c
-            # entropy = lse - Σ p z; p is the second (and last) (chunk, V) block
-            p = torch.sub(z, lse_c[:, None]).exp_()
-            entropy[start:stop] = lse_c - p.mul_(z).sum(1)
-            lse[start:stop] = lse_c
+            sl = slice(start, min(start + chunk_size, rows))
+            z = gemm(hidden[sl])  # (chunk, V) fp32: the one large temporary (the statistics reuse it)
+            logp[sl], entropy[sl], lse[sl], _ = softmax_stats(z, targets[sl], in_place=True)
+            del z
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
@@ -90,41 +72,36 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None, None
-        h_op, w_op, acc = _operands(hidden, weight)
+        gemm = LogitsGemm(hidden, weight, bias, ctx.temperature)
+        acc = accumulation_dtype(hidden, weight)
         rows = hidden.shape[0]
-        inv_t = 1.0 / ctx.temperature
         grad_hidden = torch.empty_like(hidden) if need_h else None
         # fp32 accumulator across chunks: the weight gradient is never summed in bf16
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-        bias_acc = None if bias is None else bias.to(acc)
+        cast = lambda g: None if g is None else g.to(acc)  # noqa: E731
+        grad_logp, grad_entropy = cast(grad_logp), cast(grad_entropy)
         for start in range(0, rows, ctx.chunk_size):
-            stop = min(start + ctx.chunk_size, rows)
-            z = matmul_fp32(h_op[start:stop], w_op.T)
-            if bias_acc is not None:
-                z += bias_acc
-            z /= ctx.temperature
-            lse_c = lse[start:stop, None]
-            p = torch.sub(z, lse_c).exp_()
-            # Two (chunk, V) blocks at most: z is reused for the entropy term, p for the logp term.
-            dz = None
-            if grad_entropy is not None:
-                z -= lse_c - entropy[start:stop, None]  # z - E_p[z]
-                dz = z.mul_(p).mul_(-grad_entropy[start:stop, None])
-            del z
-            if grad_logp is not None:
-                g = grad_logp[start:stop, None]
-                p.mul_(-g).scatter_add_(1, targets[start:stop, None], g)  # g (1[k=t] - p_k)
-                dz = p if dz is None else dz.add_(p)
-            del p
-            dz *= inv_t  # now d loss / d logits, (chunk, V) fp32
-            d_op = dz.to(w_op.dtype) if w_op.dtype != acc else dz
-            if need_h:
-                grad_hidden[start:stop] = matmul_fp32(d_op, w_op).to(hidden.dtype)
-            if need_w:
-                grad_weight += matmul_fp32(d_op.T, h_op[start:stop])
-            if need_b:
-                grad_bias += dz.sum(0)
+            sl = slice(start, min(start + ctx.chunk_size, rows))
+            z = gemm(hidden[sl])  # recomputed, as in the forward
+            # two (chunk, V) blocks with the entropy gradient (p and z), one without
+            p = probs_(z, lse[sl], keep_logits=grad_entropy is not None)
+            dz = dlogits_(
+                p,
+                z,
+                targets[sl],
+                lse[sl],
+                entropy[sl],
+                None if grad_logp is None else grad_logp[sl],
+                None if grad_entropy is None else grad_entropy[sl],
+                ctx.temperature,
+            )
+            del z, p
+            dz = gradient_operand(dz, gemm, hidden[sl], grad_bias)  # 16-bit operands: in place
+            gradient_gemms(
+                dz, hidden[sl], gemm, None if grad_hidden is None else grad_hidden[sl], grad_weight
+            )
+            del dz
         if need_w:
             grad_weight = grad_weight.to(weight.dtype)
         if need_b:
@@ -157,7 +134,8 @@ def linear_logprobs(
         return_entropy: also return the entropy of each row's distribution.
         row_index: optional ``(M,)`` int indices into the flattened rows of ``hidden``: only those
             rows are computed (e.g. the completion tokens of a packed batch), prompt rows cost nothing.
-        chunk_size: rows per logits block of the torch path (default: ~64 M logits per block).
+        chunk_size: rows per logits block of the torch path (default: a ``(chunk, V)`` fp32 block
+            of about 96 MiB on CPU, 256 MiB elsewhere; ``mgrpo_fast.ops.chunked``).
         impl: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"`` or ``"triton"``.
 
     Returns:
@@ -218,8 +196,12 @@ def select_rows(
         check_ndim("row_index", row_index, (1,), "a 1-D tensor (M,) of row indices")
         check_index_range("row_index", row_index, hidden2d.shape[0], "number of rows")
         row_index = row_index.long()
-        hidden2d = hidden2d.index_select(0, row_index)
-        targets1d = targets1d.index_select(0, row_index)
+        every_row = row_index.numel() == hidden2d.shape[0] and bool(
+            torch.equal(row_index, torch.arange(row_index.numel(), device=row_index.device))
+        )
+        if not every_row:  # all rows in order (e.g. a mask of ones): a view, no copy and no scatter back
+            hidden2d = hidden2d.index_select(0, row_index)
+            targets1d = targets1d.index_select(0, row_index)
         out_shape = row_index.shape
     check_index_range("targets", targets1d, vocab, "V")
     return hidden2d, targets1d.long(), out_shape
@@ -248,7 +230,7 @@ def linear_logprobs_with_lse(
         chunk = (
             int(chunk_size)
             if chunk_size is not None
-            else default_chunk_size(hidden2d.shape[0], weight.shape[0])
+            else default_chunk_size(hidden2d.shape[0], weight.shape[0], hidden.device)
         )
         logp, entropy, lse = ChunkedLinearLogprobs.apply(
             hidden2d, weight, bias, targets1d, float(temperature), chunk

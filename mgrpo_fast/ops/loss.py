@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mgrpo_fast.ops.dispatch import choose_impl
+from mgrpo_fast.ops.fused_torch import fused_loss_torch, one_pass_serves
 from mgrpo_fast.ops.fused_triton import fused_loss_triton, token_loss_triton
 from mgrpo_fast.ops.logprobs import linear_logprobs
 from mgrpo_fast.ops.objective import flatten_batch, grpo_objective
@@ -148,6 +149,9 @@ def fused_linear_grpo_loss(
     )
     if path == "triton":
         return fused_loss_triton(hidden, weight, targets, bias, temperature, rows, batch, options, chunk_size)
+    if one_pass_serves(options):
+        # a row-local objective: the one-pass torch path (fused_torch), 6·N·H·V FLOPs
+        return fused_loss_torch(hidden, weight, targets, bias, temperature, rows, batch, options, chunk_size)
     # Two stages: the log-probs of the loss rows (``linear_logprobs`` chooses its own path), then the
     # torch objective on all N rows (masked-out rows hold 0 and are ignored).
     logp_rows, entropy_rows = linear_logprobs(

@@ -123,6 +123,27 @@ def test_sdpa_backend_matches_reference_fp64(causal, sliding, hq, hkv):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("waste", [0.0, 1e9])  # 0: one SDPA call per segment; 1e9: the padded single call
+def test_sdpa_padded_and_per_segment_paths_match_reference(monkeypatch, waste):
+    monkeypatch.setattr(attn, "PADDED_ATTENTION_MAX_WASTE", waste)
+    lengths = [5, 0, 1, 9, 3]  # an empty and a one-token segment
+    q, k, v = qkv(hq=6, hkv=2, lengths=lengths, requires_grad=True)
+    assert attn._padded_eligible(lengths, True, None, None) == (waste > 0)
+    out = varlen_attention(q, k, v, cu_of(lengths), scale=0.37)
+    ref = reference_attention(q, k, v, lengths, scale=0.37)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_padded_path_only_where_it_is_exact_and_cheap():
+    assert not attn._padded_eligible([4, 4], False, None, None)  # bidirectional: padded keys visible
+    assert not attn._padded_eligible([4, 4], True, 2, None)  # sliding window: per segment
+    assert not attn._padded_eligible([1000] + [10] * 50, True, None, None)  # padding waste > 4x
+    assert attn._padded_eligible([40, 120, 194, 77], True, None, None)
+
+
 def test_sdpa_backend_fp32_value_head_dim_and_default_scale():
     q, k, v = qkv(hq=4, hkv=2, d=16, dv=12, dtype=torch.float32)
     out = varlen_attention(q, k, v, cu_of(LENGTHS))
