@@ -199,6 +199,7 @@ class MGRPOTrainer:
             top_k=r.top_k,
             max_new_tokens=max_new_tokens,
             stop=r.stop,
+            return_logprobs=r.return_logprobs,
             batch_size=r.batch_size,
             # the sampler's log-probs: the mismatch metrics (vllm) and the TIS correction need them
             return_logprobs=r.return_logprobs or r.backend == "vllm" or r.is_correction != "none",

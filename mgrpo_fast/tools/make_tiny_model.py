@@ -41,7 +41,8 @@ import torch
 from mgrpo_fast.data.answers import answers_match, extract_answer
 from mgrpo_fast.data.arithmetic import DEFAULT_MAX_VALUE, bundled_problems
 from mgrpo_fast.data.problems import Problem
-from mgrpo_fast.data.prompts import build_prompt_ids
+from mgrpo_fast.data.arithmetic_corrections import checked_solution, flawed_solution
+from mgrpo_fast.data.prompts import DEFAULT_GUIDING_PHRASES, build_correction_prompt, build_prompt_ids
 from mgrpo_fast.rl.rollout.base import SamplingParams
 from mgrpo_fast.rl.rollout.hf import HFGenerateBackend
 
@@ -117,6 +118,41 @@ def encode_example(
     return prompt + list(target) + [tokenizer.eos_token_id], len(prompt)
 
 
+def encode_correction_example(
+    problem: Problem,
+    first_answer: str,
+    phrase: str,
+    tokenizer: Any,
+    instruction: str | None = None,
+    correction_format: str = "checked",
+) -> tuple[list[int], int]:
+    """``(ids, num_prompt_tokens)`` of a correction round: the layer-2 input (prompt, ``" " +
+    first_answer``, separator and ``phrase``, exactly as the trainer builds it), then ``" " +`` the
+    re-derivation and EOS; the re-derivation is the only target."""
+    cp = build_correction_prompt(problem, " " + first_answer, phrase, tokenizer, instruction=instruction)
+    text = checked_solution(problem) if correction_format == "checked" else problem.solution
+    target = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+    return cp.prompt_ids + list(target) + [tokenizer.eos_token_id], cp.num_prompt_tokens
+
+
+def encode_examples(problems: Sequence[Problem], tokenizer: Any, args: argparse.Namespace):
+    """The supervised examples: a share ``args.correction_share`` of the problems become correction
+    rounds (first answer right with probability ``args.keep_share``, else a flawed one; a guiding phrase
+    drawn from the defaults), the others direct solutions; every draw seeded with ``args.seed``."""
+    rng = random.Random(f"corrections:{args.seed}")
+    out = []
+    for p in problems:
+        if rng.random() < args.correction_share:
+            first = p.solution if rng.random() < args.keep_share else flawed_solution(p, rng)
+            phrase = rng.choice(DEFAULT_GUIDING_PHRASES)
+            out.append(
+                encode_correction_example(p, first, phrase, tokenizer, args.instruction, args.correction_format)
+            )
+        else:
+            out.append(encode_example(p, tokenizer, args.instruction))
+    return out
+
+
 def _batches(
     examples: list[tuple[list[int], int]], batch_size: int, steps: int, seed: int
 ) -> list[list[int]]:
@@ -156,7 +192,7 @@ def _lr_at(step: int, args: argparse.Namespace) -> float:
 
 def train(model: Any, tokenizer: Any, problems: list[Problem], args: argparse.Namespace) -> None:
     """Supervised training on ``problems`` (module docstring); prints the loss every ``args.log_every``."""
-    examples = [encode_example(p, tokenizer, args.instruction) for p in problems]
+    examples = encode_examples(problems, tokenizer, args)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms and biases
     opt = torch.optim.AdamW(
@@ -302,8 +338,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--max-number", type=int, default=9, help="task: largest question number")
     p.add_argument("--max-value", type=int, default=DEFAULT_MAX_VALUE, help="task: largest value/answer")
+    p.add_argument("--correction-share", type=float, default=0.5, help="share of correction rounds")
+    p.add_argument("--keep-share", type=float, default=0.4, help="correction rounds with a right first answer")
+    p.add_argument("--correction-format", choices=("checked", "worked"), default="checked", help="re-derivation")
     p.add_argument("--eval-n", type=int, default=200, help="test problems for the final accuracy")
     p.add_argument("--max-new-tokens", type=int, default=RECOMMENDED_MAX_NEW_TOKENS, help="for evaluation")
+    p.add_argument("--correction-max-new-tokens", type=int, default=224, help="for the two-pass eval")
     p.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
     p.add_argument("--log-every", type=int, default=100, help="steps between loss lines")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -344,6 +384,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         kw = dict(max_new_tokens=args.max_new_tokens, instruction=args.instruction)
         stats["greedy"] = evaluate(model, tokenizer, test, temperature=0.0, **kw)
         stats["sampled"] = evaluate(model, tokenizer, test, temperature=1.0, seed=0, **kw)
+        from mgrpo_fast.rl.evaluate import evaluate_two_pass
+
+        stats["two_pass"] = evaluate_two_pass(
+            test, tokenizer, HFGenerateBackend(model, tokenizer), max_new_tokens=args.max_new_tokens,
+            correction_max_new_tokens=args.correction_max_new_tokens, batch_size=50,
+            instruction=args.instruction,
+        )
+        print(f"two-pass (greedy): {stats['two_pass']}", flush=True)
     else:
         stats["greedy"] = stats["sampled"] = {
             "acc": math.nan,
