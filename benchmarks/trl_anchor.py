@@ -80,7 +80,9 @@ def train_one(cfg, seed: int, out: Path):
     d, o, lc, g = cfg.data, cfg.optim, cfg.loss, cfg.layer1.group_size
     problems = load_train_problems(d)
     prompts = [
-        build_prompt(p, tokenizer, system_prompt=d.system_prompt, template=d.template, instruction=d.instruction)
+        build_prompt(
+            p, tokenizer, system_prompt=d.system_prompt, template=d.template, instruction=d.instruction
+        )
         for p in problems
     ]
     dataset = Dataset.from_dict({"prompt": prompts, "answer": [p.answer for p in problems]})
@@ -155,7 +157,11 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         model, tokenizer, rewards = train_one(cfg, seed, out / f"seed{seed}")
         result = evaluate(model, tokenizer, cfg, eval_problems)
-        rows[seed] = {**result.__dict__, "train_reward_first5": rewards[:5], "train_reward_last5": rewards[-5:]}
+        rows[seed] = {
+            **result.__dict__,
+            "train_reward_first5": rewards[:5],
+            "train_reward_last5": rewards[-5:],
+        }
         print(f"TRL GRPO seed {seed}: {result} ({time.perf_counter() - t:.0f} s)", flush=True)
     acc = [100 * r["acc_t1"] for r in rows.values()]
     cell = f"{acc[0]:.1f}" if len(acc) == 1 else f"{statistics.mean(acc):.1f} ± {statistics.stdev(acc):.1f}"

@@ -83,7 +83,9 @@ def plot_summary(
     return os.fspath(path)
 
 
-def _band(runs: Sequence[Sequence[dict[str, Any]]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+def _band(
+    runs: Sequence[Sequence[dict[str, Any]]], key: str
+) -> tuple[list[int], list[float], list[float], list[float]]:
     """Steps every run evaluated at, and the mean, min and max (percent) over the runs at each."""
     per_run = [dict(zip(*series(r, key))) for r in runs]
     steps = sorted(set.intersection(*(set(d) for d in per_run))) if per_run else []
@@ -105,7 +107,9 @@ def plot_compare(
         for ax, key in ((axes[0], "eval/acc_t1"), (axes[1], "eval/acc_t2")):
             steps, mean, lo, hi = _band(seeds, key)
             if steps:
-                ax.plot(steps, mean, color=color, marker="o", ms=4, label=f"{name} (mean of {len(seeds)} seeds)")
+                ax.plot(
+                    steps, mean, color=color, marker="o", ms=4, label=f"{name} (mean of {len(seeds)} seeds)"
+                )
                 ax.fill_between(steps, lo, hi, color=color, alpha=0.2)
         for (key, label), style in zip(_EVAL_DELTAS, ("-", "--")):
             steps, mean, lo, hi = _band(seeds, key)

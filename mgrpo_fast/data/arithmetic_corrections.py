@@ -31,7 +31,15 @@ from dataclasses import dataclass
 
 from mgrpo_fast.data.problems import Problem
 
-__all__ = ["MISTAKES", "Derivation", "checked_solution", "derivation", "flawed_solution", "worked_solution"]
+__all__ = [
+    "CHECK_STYLES",
+    "MISTAKES",
+    "Derivation",
+    "checked_solution",
+    "derivation",
+    "flawed_solution",
+    "worked_solution",
+]
 
 MISTAKES = ("number", "carry", "slip")
 """The kinds of mistake :func:`flawed_solution` makes: ``number`` (a misread number of the question),
@@ -61,7 +69,9 @@ def derivation(problem: Problem) -> Derivation:
     """
     ops = problem.meta.get("ops")
     if not problem.solution or not isinstance(ops, list) or not ops:
-        raise ValueError(f"problem {problem.id!r}: expected an arithmetic-task problem (solution and meta['ops'])")
+        raise ValueError(
+            f"problem {problem.id!r}: expected an arithmetic-task problem (solution and meta['ops'])"
+        )
     parts = problem.solution.split(". ")[:-1]  # the last part is \boxed{...}
     eqs = []
     for part in parts:
@@ -127,12 +137,29 @@ def _sentences(problem: Problem, level: int) -> list[str]:
     return parts[: level + 1]
 
 
-def checked_solution(problem: Problem) -> str:
+CHECK_STYLES = ("sentence", "span")
+"""How :func:`checked_solution` quotes the question: whole sentences, or each sentence's span from the
+word after its subject to its last number (``"Mia has 7 apples"`` -> ``"has 7"``, ``"She buys 3 bags
+with 4 apples each"`` -> ``"buys 3 bags with 4"``, ``"He doubles his pens"`` -> ``"doubles his pens"``)."""
+
+
+def _span(sentence: str) -> str:
+    rest = sentence.split(" ", 1)[1]  # without the subject (a name or a pronoun)
+    last_digit = max((i for i, c in enumerate(rest) if c.isdigit()), default=len(rest) - 1)
+    return rest[: last_digit + 1]
+
+
+def checked_solution(problem: Problem, style: str = "sentence") -> str:
     """The correction round's re-derivation of ``problem`` (module docstring): the start sentence, then
-    per operation its sentence, a colon and its equations, then the boxed answer."""
+    per operation its sentence, a colon and its equations, then the boxed answer; ``style="span"``
+    quotes only each sentence's span (:data:`CHECK_STYLES`), about two thirds of the length."""
+    if style not in CHECK_STYLES:
+        raise ValueError(f"style: expected one of {CHECK_STYLES}, got {style!r}")
     d = derivation(problem)
     per_step, answer = _solve(d)
     sentences = _sentences(problem, len(d.steps))
+    if style == "span":
+        sentences = [_span(s) for s in sentences]
     out = [f"{sentences[0]}."]
     for sentence, eqs in zip(sentences[1:], per_step):
         out.append(f"{sentence}: {'. '.join(eqs)}.")

@@ -14,7 +14,7 @@ from trainer_helpers import save_tiny_model
 
 from mgrpo_fast.config.loading import load_config
 from mgrpo_fast.data.problems import Problem
-from mgrpo_fast.reference import grpo_loss_ref, group_advantages_ref, linear_logprobs_ref
+from mgrpo_fast.reference import group_advantages_ref, grpo_loss_ref, linear_logprobs_ref
 from mgrpo_fast.rl.run_log import read_metrics
 from mgrpo_fast.rl.trainer import MGRPOTrainer
 from mgrpo_fast.rl.update import MetricSums, microbatch_targets
