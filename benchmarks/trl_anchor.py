@@ -68,7 +68,7 @@ def evaluate(model, tokenizer, cfg, problems):
 
 
 def train_one(cfg, seed: int, out: Path):
-    """TRL ``GRPOTrainer`` for ``cfg.optim.total_steps`` steps; returns the trained model."""
+    """TRL ``GRPOTrainer`` for ``cfg.train.total_steps`` steps; returns the trained model."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -88,13 +88,13 @@ def train_one(cfg, seed: int, out: Path):
     dataset = Dataset.from_dict({"prompt": prompts, "answer": [p.answer for p in problems]})
     # micro-batches of whole groups, at most 64 completions (or one group); one generation batch of
     # questions_per_step groups per optimizer step
-    q = o.questions_per_step
+    q = cfg.train.questions_per_step
     per_micro = max(k for k in range(1, q + 1) if q % k == 0 and (k * g <= 64 or k == 1))
     args = GRPOConfig(
         output_dir=str(out),
         seed=seed,
         data_seed=seed,
-        max_steps=o.total_steps,
+        max_steps=cfg.train.total_steps,
         per_device_train_batch_size=per_micro * g,
         gradient_accumulation_steps=q // per_micro,
         num_generations=g,
@@ -126,7 +126,7 @@ def train_one(cfg, seed: int, out: Path):
     )
     # our schedule, one value per optimizer step (LambdaLR multiplies the base lr by the factor)
     factor = lambda k: lr_at(  # noqa: E731
-        k, peak=o.lr, total=o.total_steps * lc.mu, warmup=o.warmup_steps * lc.mu,
+        k, peak=o.lr, total=cfg.train.total_steps * lc.mu, warmup=o.warmup_steps * lc.mu,
         schedule=o.schedule, min_ratio=o.min_lr_ratio,
     ) / o.lr  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -167,8 +167,8 @@ def main(argv=None) -> int:
     cell = f"{acc[0]:.1f}" if len(acc) == 1 else f"{statistics.mean(acc):.1f} ± {statistics.stdev(acc):.1f}"
     g = cfg.layer1.group_size
     print(
-        f"\n| TRL GRPOTrainer | {len(acc)} | {cell} |  (G={g}, {cfg.optim.questions_per_step} questions x "
-        f"{cfg.optim.total_steps} steps, lr {cfg.optim.lr}; wall {(time.perf_counter() - t0) / 60:.1f} min)"
+        f"\n| TRL GRPOTrainer | {len(acc)} | {cell} |  (G={g}, {cfg.train.questions_per_step} questions x "
+        f"{cfg.train.total_steps} steps, lr {cfg.optim.lr}; wall {(time.perf_counter() - t0) / 60:.1f} min)"
     )
     out.mkdir(parents=True, exist_ok=True)
     summary = {"rows": rows, "acc_t1": cell, "seeds": args.seeds, "group_size": g, "config": cfg.to_dict()}
