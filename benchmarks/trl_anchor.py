@@ -35,7 +35,7 @@ from mgrpo_fast.cli.demo import DEFAULT_CONFIG
 from mgrpo_fast.config.loading import load_config
 from mgrpo_fast.data.prompts import build_prompt
 from mgrpo_fast.data.train_data import default_model_path, load_eval_problems, load_train_problems
-from mgrpo_fast.engines.local import lr_at
+from mgrpo_fast.engines.optim import lr_at
 from mgrpo_fast.rl.evaluate import summarize_two_pass, two_pass_correctness
 from mgrpo_fast.rl.rewards import correctness_reward
 from mgrpo_fast.rl.rollout.hf import HFGenerateBackend

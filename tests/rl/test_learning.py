@@ -72,17 +72,19 @@ def test_grpo_raises_a_learnable_reward(char_model_dir, tmp_path):
 
 
 def test_layer2_path_alone_raises_the_reward(char_model_dir, tmp_path):
-    """Layer 2 only: with G1 = 1 every layer-1 group has one member and is dropped (zero variance), so
-    only the correction continuations (their prompts: question + o_i + guiding phrase, context only)
-    are trained; their reward rises all the same."""
+    """Layer 2 only: the first answers are one token long and score 0 (``digit_share_of_long_reward``),
+    so every layer-1 group has zero variance and is dropped; only the correction continuations (their
+    prompts: question + o_i + guiding phrase, context only) are trained, and their reward rises."""
     records = _learn(
         char_model_dir,
         tmp_path / "run",
         "--algo=mgrpo",
-        "--layer1.group_size=1",
+        "--layer1.group_size=2",
+        "--rollout.max_new_tokens=1",
         "--layer2.group_size=8",
         "--layer2.selection=all",
         "--layer2.max_new_tokens=12",
+        f"--reward.functions={{'{HELPERS}:digit_share_of_long_reward': 1.0}}",
     )
     assert all(r["layer1/groups_dropped"] == r["layer1/groups"] for r in records)
     start, end = _mean(records[:2], "layer2/reward_mean"), _mean(records[-2:], "layer2/reward_mean")
