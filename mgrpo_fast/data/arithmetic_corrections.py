@@ -1,5 +1,6 @@
-"""Correction rounds for the arithmetic task (:mod:`mgrpo_fast.data.arithmetic`): what the bundled tiny
-model is taught to write after a guiding phrase, and the flawed first answers it learns to correct.
+"""Correction rounds for the arithmetic task (:mod:`mgrpo_fast.data.arithmetic`): what a tiny model made
+with ``make_tiny_model --correction-share S`` (S > 0) is taught to write after a guiding phrase, and the
+flawed first answers it learns to correct. The bundled model was made without them (S = 0).
 
 A first answer is the task's compact worked solution, one equation per operation::
 

@@ -7,7 +7,10 @@ Tokenizer: one token per character of printable ASCII plus ``"\\n"`` (covers the
 instruction and the guiding phrases of ``mgrpo_fast.data``), special tokens ``<pad>``, ``<eos>`` and
 ``<unk>``; no BOS, no chat template, so prompts use ``mgrpo_fast.data``'s plain format.
 
-Training: supervised on direct solutions only (no correction traces). Each example is
+Training: supervised on direct solutions (the bundled model: only those). With ``--correction-share
+S > 0`` a share S of the examples are correction rounds instead (``encode_correction_example``: the
+layer-2 input with a right or a flawed first answer, then a re-derivation,
+:mod:`mgrpo_fast.data.arithmetic_corrections`); no bundled model was made that way yet. Each direct example is
 ``build_prompt_ids(problem, instruction=...) + ids(" " + solution) + [eos]`` (by default the short plain
 prompt ``"Question: ...\n\nAnswer:"``, no instruction: 2.5x fewer tokens per example than with the
 step-by-step instruction, which the task does not need) with the loss on the target part only
@@ -339,7 +342,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--max-number", type=int, default=9, help="task: largest question number")
     p.add_argument("--max-value", type=int, default=DEFAULT_MAX_VALUE, help="task: largest value/answer")
-    p.add_argument("--correction-share", type=float, default=0.5, help="share of correction rounds")
+    p.add_argument(
+        "--correction-share", type=float, default=0.0, help="share of correction rounds (bundled model: 0)"
+    )
     p.add_argument(
         "--keep-share", type=float, default=0.4, help="correction rounds with a right first answer"
     )

@@ -217,6 +217,20 @@ def test_checked_solution_quotes_each_sentence_before_its_equations():
     )
 
 
+def test_checked_solution_span_style_quotes_each_sentence_span():
+    p = Problem(id="x", question="Mia has 7 apples. She buys 3 bags with 4 apples each. He doubles his pens. "
+                "How many apples does she have now?", answer="20", solution="3*4=12. 7+12=19. 19*2=38. "
+                "\\boxed{38}", meta={"ops": ["add_groups", "mul"]})  # fmt: skip
+    assert corrections.checked_solution(p, "span") == (
+        "has 7. buys 3 bags with 4: 3*4=12. 7+12=19. doubles his pens: 19*2=38. \\boxed{38}"
+    )
+    for q in generate_problems(200, seed=8, levels=(1, 2, 3)):
+        span, sentence = corrections.checked_solution(q, "span"), corrections.checked_solution(q)
+        assert answers_match(extract_answer(span), q.answer) and len(span) < len(sentence)
+    with pytest.raises(ValueError, match="style"):
+        corrections.checked_solution(p, "words")
+
+
 @pytest.mark.parametrize("mistake", [*corrections.MISTAKES, None])
 def test_flawed_solution_has_one_carried_mistake_and_a_wrong_answer(mistake):
     rng = random.Random(0)
