@@ -11,9 +11,9 @@ TRL as a ``LambdaLR``), and the number of steps. What stays TRL's: its sampler a
 generation (transformers ``generate``), advantages (``scale_rewards="group"``), and its loss
 normalization, which keeps zero-variance groups in the token count (ours drops them).
 
-After training, the policy is evaluated exactly as our runs are (``two_pass_correctness`` on the same
-held-out problems, greedy): Acc@t1 is TRL's number; Acc@t2 is there for completeness (TRL trains no
-correction round).
+After training, the policy is evaluated exactly as our runs are (``configured_two_pass_correctness``
+on the same held-out problems, greedy): Acc@t1 is TRL's number; Acc@t2 is there for completeness (TRL
+trains no correction round).
 
     python benchmarks/trl_anchor.py [--seeds 0 1 2] [--out runs/trl_anchor] [--key.sub=value ...]
 
@@ -36,7 +36,7 @@ from mgrpo_fast.config.loading import load_config
 from mgrpo_fast.data.prompts import build_prompt
 from mgrpo_fast.data.train_data import default_model_path, load_eval_problems, load_train_problems
 from mgrpo_fast.engines.optim import lr_at
-from mgrpo_fast.rl.evaluate import summarize_two_pass, two_pass_correctness
+from mgrpo_fast.rl.evaluate import configured_two_pass_correctness, summarize_two_pass
 from mgrpo_fast.rl.rewards import correctness_reward
 from mgrpo_fast.rl.rollout.hf import HFGenerateBackend
 
@@ -47,24 +47,10 @@ def verifier(prompts, completions, answer, **_):
 
 
 def evaluate(model, tokenizer, cfg, problems):
-    """Our two-pass eval (greedy) of ``model`` on ``problems``, as ``MGRPOTrainer.evaluate`` runs it."""
-    ev = cfg.eval
-    c1, c2 = two_pass_correctness(
-        problems,
-        tokenizer,
-        HFGenerateBackend(model, tokenizer),
-        max_new_tokens=ev.max_new_tokens or cfg.rollout.max_new_tokens,
-        correction_max_new_tokens=ev.max_new_tokens or cfg.layer2.max_new_tokens,
-        temperature=ev.temperature,
-        batch_size=cfg.rollout.batch_size,
-        guiding_phrase=ev.guiding_phrase or cfg.layer2.guiding_phrases[0],
-        separator=cfg.layer2.separator,
-        seed=ev.seed,
-        system_prompt=cfg.data.system_prompt,
-        template=cfg.data.template,
-        instruction=cfg.data.instruction,
+    """Our two-pass eval of ``model`` on ``problems``, with the settings ``MGRPOTrainer.evaluate`` uses."""
+    return summarize_two_pass(
+        *configured_two_pass_correctness(cfg, problems, tokenizer, HFGenerateBackend(model, tokenizer))
     )
-    return summarize_two_pass(c1, c2)
 
 
 def train_one(cfg, seed: int, out: Path):

@@ -186,10 +186,12 @@ def test_loss_and_gradient_match_the_reference_on_a_real_rollout(bundled_rollout
     params = [p for p in trainer.policy.parameters() if p.requires_grad]
     microbatches, weights = trainer.pack(batch)
     targets = [microbatch_targets(mb, batch.advantages, weights) for mb in microbatches]
-    trainer.engine.zero_grad()
+    for p in params:
+        p.grad = None
     loss = trainer.forward_backward(microbatches, targets, MetricSums())
     grads = [p.grad.detach().clone() for p in params]
-    trainer.engine.zero_grad()
+    for p in params:
+        p.grad = None
 
     ref = _reference_loss(trainer, batch, loss_type)
     ref_grads = torch.autograd.grad(ref, params)
