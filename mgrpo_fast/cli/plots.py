@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["plot_compare", "plot_summary", "series"]
+__all__ = ["plot_compare", "plot_summary", "seed_band", "series"]
 
 _EVAL_ACC = (("eval/acc_t1", "Acc@t1 (first answer)"), ("eval/acc_t2", "Acc@t2 (after the correction)"))
 _EVAL_DELTAS = (("eval/delta_i_to_c", "Δi→c (wrong → right)"), ("eval/delta_c_to_i", "Δc→i (right → wrong)"))
@@ -83,7 +83,7 @@ def plot_summary(
     return os.fspath(path)
 
 
-def _band(
+def seed_band(
     runs: Sequence[Sequence[dict[str, Any]]], key: str
 ) -> tuple[list[int], list[float], list[float], list[float]]:
     """Steps every run evaluated at, and the mean, min and max (percent) over the runs at each."""
@@ -105,14 +105,14 @@ def plot_compare(
     for i, (name, seeds) in enumerate(runs.items()):
         color = colors[i % len(colors)]
         for ax, key in ((axes[0], "eval/acc_t1"), (axes[1], "eval/acc_t2")):
-            steps, mean, lo, hi = _band(seeds, key)
+            steps, mean, lo, hi = seed_band(seeds, key)
             if steps:
                 ax.plot(
                     steps, mean, color=color, marker="o", ms=4, label=f"{name} (mean of {len(seeds)} seeds)"
                 )
                 ax.fill_between(steps, lo, hi, color=color, alpha=0.2)
         for (key, label), style in zip(_EVAL_DELTAS, ("-", "--")):
-            steps, mean, lo, hi = _band(seeds, key)
+            steps, mean, lo, hi = seed_band(seeds, key)
             if steps:
                 axes[2].plot(steps, mean, style, color=color, marker="o", ms=3, label=f"{name} {label}")
                 axes[2].fill_between(steps, lo, hi, color=color, alpha=0.12)
