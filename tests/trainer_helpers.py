@@ -47,3 +47,15 @@ def save_tiny_model(path, tokenizer, *, seed: int = 0, hidden: int = 32, layers:
     Qwen2ForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def digit_share_reward(completion: str, answer: str, **_: object) -> float:
+    """The share of the completion's characters that are digits: about 0.1 for a random model over a
+    character vocabulary, 1.0 for a completion of digits only (a trivially learnable reward)."""
+    return sum(c.isdigit() for c in completion) / len(completion) if completion else 0.0
+
+
+def digit_share_of_long_reward(completion: str, answer: str, **_: object) -> float:
+    """:func:`digit_share_reward` for completions longer than one character, 0 for the others: with
+    one-token first answers every layer-1 group scores 0 (zero variance, dropped), so only layer 2 trains."""
+    return digit_share_reward(completion, answer) if len(completion) > 1 else 0.0

@@ -5,7 +5,9 @@ the starting checkpoint's row.
 Both algorithms use ``configs/demo.yaml`` with ``layer1.group_size: auto``: MGRPO samples G1 answers
 and G2 continuations of each selected answer; GRPO gets ``G1' = G1 + ceil(|S|·G2·T2/T1)`` answers per
 question instead (``mgrpo_fast.config.run``), the same completion-token budget per question, and the
-same questions, steps and optimizer.
+same questions, steps and optimizer. Writes ``{out}/summary.json`` (the table and every run's final
+eval) and ``{out}/compare.png`` (held-out Acc@t1, Acc@t2, Δi→c / Δc→i over steps per algorithm, mean
+and min..max over the seeds; the start is evaluated once, the same checkpoint for every run).
 
     python -m mgrpo_fast.compare [--seeds 0 1 2] [--out runs/compare] [--key.sub=value ...]
 """
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mgrpo_fast.cli.demo import DEFAULT_CONFIG, eval_rows
+from mgrpo_fast.cli.plots import plot_compare
 from mgrpo_fast.config.loading import load_config
 from mgrpo_fast.rl.run_log import read_metrics
 
@@ -65,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     results: dict[str, list[dict[str, float]]] = {"start": [], "GRPO": [], "MGRPO": []}
     budget: dict[str, str] = {}
+    curves: dict[str, list[list[dict]]] = {"GRPO": [], "MGRPO": []}
+    start_record: dict = {}
     t0 = time.perf_counter()
     for seed in args.seeds:
         for algo in ("grpo", "mgrpo"):
@@ -87,9 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             budget[algo] = f"G1={c.layer1.group_size}" + (
                 f", G2={c.layer2.group_size}, selection={c.layer2.selection}" if algo == "mgrpo" else ""
             )
-            evals = eval_rows(read_metrics(Path(c.logging.run_dir) / "metrics.jsonl"))
+            records = read_metrics(Path(c.logging.run_dir) / "metrics.jsonl")
+            evals = eval_rows(records)
             if not results["start"]:
                 results["start"].append(evals[0][1].__dict__)
+                start_record = next(r for r in records if "eval/acc_t1" in r)
+            elif start_record:  # the same start checkpoint (greedy eval): every curve starts there
+                records = [start_record, *records]
+            curves[algo.upper()].append(records)
             results[algo.upper()].append(evals[-1][1].__dict__)
             print(f"{algo} seed {seed}: {evals[-1][1]} ({time.perf_counter() - t:.0f} s)", flush=True)
     wall = time.perf_counter() - t0
@@ -101,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"seeds {args.seeds}; wall time {wall / 60:.1f} min"
     )
     out.mkdir(parents=True, exist_ok=True)
+    png = plot_compare(curves, out / "compare.png")
+    print(f"wrote {png} and {out / 'summary.json'}")
     (out / "summary.json").write_text(
         json.dumps(
             {"rows": results, "budget": budget, "seeds": args.seeds, "wall_s": wall, "table": text}, indent=1

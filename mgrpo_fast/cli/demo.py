@@ -76,8 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     (s0, before), (s1, after) = evals[0], evals[-1]
+    middle = {f"step {s}": r for s, r in evals[1:-1]}
+    rows = {f"start (step {s0})": before, **middle, f"after {cfg.algo.upper()} (step {s1})": after}
     print()
-    print(format_table({f"start (step {s0})": before, f"after {cfg.algo.upper()} (step {s1})": after}))
+    print(format_table(rows))
     png = plot_summary(records, run_dir / "summary.png", title=f"{cfg.algo.upper()} demo on the bundled task")
     summary = {
         "before": before.__dict__,

@@ -25,13 +25,21 @@ from typing import Any
 
 import torch
 
+from mgrpo_fast.config.run import TrainConfig
 from mgrpo_fast.data.answers import answers_match, extract_answer
 from mgrpo_fast.data.problems import Problem
 from mgrpo_fast.data.prompts import DEFAULT_GUIDING_PHRASES, DEFAULT_INSTRUCTION
 from mgrpo_fast.rl.layers import rollout_layer1, rollout_layer2
 from mgrpo_fast.rl.rollout.base import RolloutBackend, SamplingParams
 
-__all__ = ["TwoPassResult", "evaluate_two_pass", "format_table", "summarize_two_pass", "two_pass_correctness"]
+__all__ = [
+    "TwoPassResult",
+    "configured_two_pass_correctness",
+    "evaluate_two_pass",
+    "format_table",
+    "summarize_two_pass",
+    "two_pass_correctness",
+]
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,34 @@ def two_pass_correctness(
         [answers_match(extract_answer(c.text), p.answer) for c, p in zip(r2.completions, problems)]
     )
     return c1, c2
+
+
+def configured_two_pass_correctness(
+    cfg: TrainConfig, problems: Sequence[Problem], tokenizer: Any, backend: RolloutBackend
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`two_pass_correctness` with a run's settings: the ``eval`` section (temperature, seed,
+    guiding phrase, token cap), the rollout's top-p and stop strings, layer 2's separator and the
+    prompt format of ``data``. The trainer's evaluation and the TRL anchor both use it, so their
+    numbers come from the same protocol."""
+    ev = cfg.eval
+    return two_pass_correctness(
+        problems,
+        tokenizer,
+        backend,
+        max_new_tokens=ev.max_new_tokens or cfg.rollout.max_new_tokens,
+        correction_max_new_tokens=ev.max_new_tokens or cfg.layer2.max_new_tokens,
+        temperature=ev.temperature,
+        top_p=cfg.rollout.top_p,
+        stop=cfg.rollout.stop,
+        batch_size=cfg.rollout.batch_size,
+        guiding_phrase=ev.guiding_phrase or cfg.layer2.guiding_phrases[0],
+        separator=cfg.layer2.separator,
+        guiding_turn=cfg.layer2.guiding_turn,
+        seed=ev.seed,
+        system_prompt=cfg.data.system_prompt,
+        template=cfg.data.template,
+        instruction=cfg.data.instruction,
+    )
 
 
 def evaluate_two_pass(

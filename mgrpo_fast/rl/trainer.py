@@ -49,7 +49,7 @@ from mgrpo_fast.engines.optim import lr_at
 from mgrpo_fast.packing.planner import plan_microbatches
 from mgrpo_fast.rl import layers as mgrpo
 from mgrpo_fast.rl.checkpoint import latest_checkpoint, load_run_checkpoint, save_run_checkpoint
-from mgrpo_fast.rl.evaluate import TwoPassResult, summarize_two_pass, two_pass_correctness
+from mgrpo_fast.rl.evaluate import TwoPassResult, configured_two_pass_correctness, summarize_two_pass
 from mgrpo_fast.rl.mismatch import MismatchSums, microbatch_sampler_logprobs, truncated_is_weights
 from mgrpo_fast.rl.rollout.base import RolloutBackend, SamplingParams
 from mgrpo_fast.rl.rollout.hf import HFGenerateBackend
@@ -488,25 +488,10 @@ class MGRPOTrainer:
     def evaluate(self) -> TwoPassResult:
         """Two-pass evaluation (``eval`` section) of the current policy; each rank evaluates its share
         ``r::W`` of the problems and the correctness is gathered."""
-        cfg, ev, e = self.config, self.config.eval, self.engine
+        cfg, e = self.config, self.engine
         with e.generation():
-            c1, c2 = two_pass_correctness(
-                self.eval_problems[e.rank :: e.world_size],
-                self.tokenizer,
-                self.backend,
-                max_new_tokens=ev.max_new_tokens or cfg.rollout.max_new_tokens,
-                correction_max_new_tokens=ev.max_new_tokens or cfg.layer2.max_new_tokens,
-                temperature=ev.temperature,
-                top_p=cfg.rollout.top_p,
-                stop=cfg.rollout.stop,
-                batch_size=cfg.rollout.batch_size,
-                guiding_phrase=ev.guiding_phrase or cfg.layer2.guiding_phrases[0],
-                separator=cfg.layer2.separator,
-                guiding_turn=cfg.layer2.guiding_turn,
-                seed=ev.seed,
-                system_prompt=cfg.data.system_prompt,
-                template=cfg.data.template,
-                instruction=cfg.data.instruction,
+            c1, c2 = configured_two_pass_correctness(
+                cfg, self.eval_problems[e.rank :: e.world_size], self.tokenizer, self.backend
             )
         parts = e.all_gather_object((c1, c2))
         return summarize_two_pass(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))

@@ -7,7 +7,10 @@ Tokenizer: one token per character of printable ASCII plus ``"\\n"`` (covers the
 instruction and the guiding phrases of ``mgrpo_fast.data``), special tokens ``<pad>``, ``<eos>`` and
 ``<unk>``; no BOS, no chat template, so prompts use ``mgrpo_fast.data``'s plain format.
 
-Training: supervised on direct solutions only (no correction traces). Each example is
+Training: supervised on direct solutions (the bundled model: only those). With ``--correction-share
+S > 0`` a share S of the examples are correction rounds instead (``encode_correction_example``: the
+layer-2 input with a right or a flawed first answer, then a re-derivation,
+:mod:`mgrpo_fast.data.arithmetic_corrections`); no bundled model was made that way yet. Each direct example is
 ``build_prompt_ids(problem, instruction=...) + ids(" " + solution) + [eos]`` (by default the short plain
 prompt ``"Question: ...\n\nAnswer:"``, no instruction: 2.5x fewer tokens per example than with the
 step-by-step instruction, which the task does not need) with the loss on the target part only
@@ -40,8 +43,10 @@ import torch
 
 from mgrpo_fast.data.answers import answers_match, extract_answer
 from mgrpo_fast.data.arithmetic import DEFAULT_MAX_VALUE, bundled_problems
+from mgrpo_fast.data.arithmetic_corrections import checked_solution, flawed_solution
 from mgrpo_fast.data.problems import Problem
-from mgrpo_fast.data.prompts import build_prompt_ids
+from mgrpo_fast.data.prompts import DEFAULT_GUIDING_PHRASES, build_correction_prompt, build_prompt_ids
+from mgrpo_fast.rl.evaluate import evaluate_two_pass
 from mgrpo_fast.rl.rollout.base import SamplingParams
 from mgrpo_fast.rl.rollout.hf import HFGenerateBackend
 
@@ -108,13 +113,48 @@ def build_model(tokenizer: Any, args: argparse.Namespace) -> Any:
     return LlamaForCausalLM(config).float()
 
 
-def encode_example(
-    problem: Problem, tokenizer: Any, instruction: str | None = None
-) -> tuple[list[int], int]:
+def encode_example(problem: Problem, tokenizer: Any, instruction: str | None = None) -> tuple[list[int], int]:
     """``(ids, num_prompt_tokens)``: the plain prompt (with ``instruction``), ``" " + solution``, EOS."""
     prompt = build_prompt_ids(problem, tokenizer, instruction=instruction)
     target = tokenizer(" " + problem.solution, add_special_tokens=False)["input_ids"]
     return prompt + list(target) + [tokenizer.eos_token_id], len(prompt)
+
+
+def encode_correction_example(
+    problem: Problem,
+    first_answer: str,
+    phrase: str,
+    tokenizer: Any,
+    instruction: str | None = None,
+    correction_format: str = "sentence",
+) -> tuple[list[int], int]:
+    """``(ids, num_prompt_tokens)`` of a correction round: the layer-2 input (prompt, ``" " +
+    first_answer``, separator and ``phrase``, exactly as the trainer builds it), then ``" " +`` the
+    re-derivation and EOS; the re-derivation is the only target."""
+    cp = build_correction_prompt(problem, " " + first_answer, phrase, tokenizer, instruction=instruction)
+    text = problem.solution if correction_format == "worked" else checked_solution(problem, correction_format)
+    target = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+    return cp.prompt_ids + list(target) + [tokenizer.eos_token_id], cp.num_prompt_tokens
+
+
+def encode_examples(problems: Sequence[Problem], tokenizer: Any, args: argparse.Namespace):
+    """The supervised examples: a share ``args.correction_share`` of the problems become correction
+    rounds (first answer right with probability ``args.keep_share``, else a flawed one; a guiding phrase
+    drawn from the defaults), the others direct solutions; every draw seeded with ``args.seed``."""
+    rng = random.Random(f"corrections:{args.seed}")
+    out = []
+    for p in problems:
+        if rng.random() < args.correction_share:
+            first = p.solution if rng.random() < args.keep_share else flawed_solution(p, rng)
+            phrase = rng.choice(DEFAULT_GUIDING_PHRASES)
+            out.append(
+                encode_correction_example(
+                    p, first, phrase, tokenizer, args.instruction, args.correction_format
+                )
+            )
+        else:
+            out.append(encode_example(p, tokenizer, args.instruction))
+    return out
 
 
 def _batches(
@@ -156,7 +196,7 @@ def _lr_at(step: int, args: argparse.Namespace) -> float:
 
 def train(model: Any, tokenizer: Any, problems: list[Problem], args: argparse.Namespace) -> None:
     """Supervised training on ``problems`` (module docstring); prints the loss every ``args.log_every``."""
-    examples = [encode_example(p, tokenizer, args.instruction) for p in problems]
+    examples = encode_examples(problems, tokenizer, args)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms and biases
     opt = torch.optim.AdamW(
@@ -302,8 +342,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--max-number", type=int, default=9, help="task: largest question number")
     p.add_argument("--max-value", type=int, default=DEFAULT_MAX_VALUE, help="task: largest value/answer")
+    p.add_argument(
+        "--correction-share", type=float, default=0.0, help="share of correction rounds (bundled model: 0)"
+    )
+    p.add_argument(
+        "--keep-share", type=float, default=0.4, help="correction rounds with a right first answer"
+    )
+    p.add_argument(
+        "--correction-format",
+        choices=("sentence", "span", "worked"),
+        default="sentence",
+        help="re-derivation",
+    )
     p.add_argument("--eval-n", type=int, default=200, help="test problems for the final accuracy")
     p.add_argument("--max-new-tokens", type=int, default=RECOMMENDED_MAX_NEW_TOKENS, help="for evaluation")
+    p.add_argument("--correction-max-new-tokens", type=int, default=224, help="for the two-pass eval")
     p.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
     p.add_argument("--log-every", type=int, default=100, help="steps between loss lines")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -324,38 +377,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the tool (``argv`` as on the command line); returns the measured numbers."""
-    args = _parse_args(argv)
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    tokenizer = build_char_tokenizer()
-    model = build_model(tokenizer, args)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"model: {params:,} parameters; tokenizer: {len(tokenizer)} tokens", flush=True)
-    task = dict(levels=args.levels, max_number=args.max_number, max_value=args.max_value)
-    problems = bundled_problems("train", args.steps * args.batch_size, seed=args.seed, **task)
-    train(model, tokenizer, problems, args)
-
-    eval_task = {**task, "levels": args.eval_levels}
-    test = bundled_problems("test", max(1, args.eval_n), seed=0, **eval_task)[: args.eval_n]
-    stats: dict[str, Any] = {"params": params, "eval_n": len(test)}
-    if test:
-        kw = dict(max_new_tokens=args.max_new_tokens, instruction=args.instruction)
-        stats["greedy"] = evaluate(model, tokenizer, test, temperature=0.0, **kw)
-        stats["sampled"] = evaluate(model, tokenizer, test, temperature=1.0, seed=0, **kw)
-    else:
-        stats["greedy"] = stats["sampled"] = {
-            "acc": math.nan,
-            "acc_by_level": {},
-            "eos_rate": math.nan,
-            "mean_tokens": math.nan,
-        }
-    sample = [encode_example(p, tokenizer, args.instruction) for p in problems[:2000]]
-    stats["prompt_tokens"] = statistics.mean(n for _, n in sample)
-    stats["target_tokens"] = statistics.mean(len(ids) - n for ids, n in sample)
-    stats["target_tokens_max"] = max(len(ids) - n for ids, n in sample)
-
+def save(model: Any, tokenizer: Any, args: argparse.Namespace, eval_task: dict[str, Any]) -> None:
+    """Write the model (fp32 safetensors), tokenizer, generation config and ``task.json`` to ``args.out``."""
     from transformers import GenerationConfig
 
     os.makedirs(args.out, exist_ok=True)
@@ -372,6 +395,50 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     with open(os.path.join(args.out, "task.json"), "w", encoding="utf-8") as f:
         json.dump(spec, f, indent=1)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the tool (``argv`` as on the command line); returns the measured numbers."""
+    args = _parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    tokenizer = build_char_tokenizer()
+    model = build_model(tokenizer, args)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: {params:,} parameters; tokenizer: {len(tokenizer)} tokens", flush=True)
+    task = dict(levels=args.levels, max_number=args.max_number, max_value=args.max_value)
+    problems = bundled_problems("train", args.steps * args.batch_size, seed=args.seed, **task)
+    train(model, tokenizer, problems, args)
+
+    eval_task = {**task, "levels": args.eval_levels}
+    save(model, tokenizer, args, eval_task)  # before the evaluation: the weights are the long part
+    test = bundled_problems("test", max(1, args.eval_n), seed=0, **eval_task)[: args.eval_n]
+    stats: dict[str, Any] = {"params": params, "eval_n": len(test)}
+    if test:
+        kw = dict(max_new_tokens=args.max_new_tokens, instruction=args.instruction)
+        stats["greedy"] = evaluate(model, tokenizer, test, temperature=0.0, **kw)
+        stats["sampled"] = evaluate(model, tokenizer, test, temperature=1.0, seed=0, **kw)
+        stats["two_pass"] = evaluate_two_pass(
+            test,
+            tokenizer,
+            HFGenerateBackend(model, tokenizer),
+            max_new_tokens=args.max_new_tokens,
+            correction_max_new_tokens=args.correction_max_new_tokens,
+            batch_size=50,
+            instruction=args.instruction,
+        )
+        print(f"two-pass (greedy): {stats['two_pass']}", flush=True)
+    else:
+        stats["greedy"] = stats["sampled"] = {
+            "acc": math.nan,
+            "acc_by_level": {},
+            "eos_rate": math.nan,
+            "mean_tokens": math.nan,
+        }
+    sample = [encode_example(p, tokenizer, args.instruction) for p in problems[:2000]]
+    stats["prompt_tokens"] = statistics.mean(n for _, n in sample)
+    stats["target_tokens"] = statistics.mean(len(ids) - n for ids, n in sample)
+    stats["target_tokens_max"] = max(len(ids) - n for ids, n in sample)
     stats["bytes"] = os.path.getsize(os.path.join(args.out, "model.safetensors"))
     stats["wall_s"] = time.perf_counter() - t0
     with open(os.path.join(args.out, "README.md"), "w", encoding="utf-8") as f:

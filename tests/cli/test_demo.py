@@ -56,3 +56,20 @@ def test_compare_table_means_and_stds():
     text = table(rows)
     assert "| start | 1 | 50.0 | 25.0 | -25.0 | 0.0 | 25.0 |" in text
     assert "| MGRPO | 2 | 60.0 ± 14.1 | 60.0 ± 14.1 | 0.0 ± 0.0 | 10.0 ± 0.0 | 10.0 ± 0.0 |" in text
+
+
+def test_compare_plot_bands_over_seeds(tmp_path):
+    """The compare plot's band: the steps every seed evaluated at, and the mean, min and max there."""
+    from mgrpo_fast.cli.plots import plot_compare, seed_band
+
+    def run(*accs):
+        keys = ("eval/acc_t1", "eval/acc_t2", "eval/delta_i_to_c", "eval/delta_c_to_i")
+        return [{"step": 10 * k, **dict(zip(keys, (a, a / 2, a / 10, a / 5)))} for k, a in enumerate(accs)]
+
+    seeds = [run(0.4, 0.5, 0.6), run(0.4, 0.3)]  # the second seed stopped at step 10
+    steps, mean, lo, hi = seed_band(seeds, "eval/acc_t1")
+    assert steps == [0, 10]
+    assert mean == pytest.approx([40.0, 40.0]) and lo == pytest.approx([40.0, 30.0])
+    assert hi == pytest.approx([40.0, 50.0])
+    png = plot_compare({"GRPO": seeds, "MGRPO": [run(0.4, 0.45)]}, tmp_path / "compare.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

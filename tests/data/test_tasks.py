@@ -3,11 +3,13 @@ argument errors and the JSONL round trip through ``mgrpo_fast.data.problems.load
 
 from __future__ import annotations
 
+import random
 import re
 
 import pytest
 
 from mgrpo_fast.data import arithmetic
+from mgrpo_fast.data import arithmetic_corrections as corrections
 from mgrpo_fast.data.answers import answers_match, extract_answer
 from mgrpo_fast.data.arithmetic import (
     DEFAULT_MAX_NUMBER,
@@ -19,11 +21,12 @@ from mgrpo_fast.data.arithmetic import (
     generate_problems,
     write_jsonl,
 )
-from mgrpo_fast.data.problems import load_problems
+from mgrpo_fast.data.problems import Problem, load_problems
 
 EQUATION = re.compile(r"^(\d+)([-+*/])(\d+)=(\d+)$")
 SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+FLOOR = {**OPS, "/": lambda a, b: a // b}
 
 
 def _check_solution(p, max_value: int = DEFAULT_MAX_VALUE) -> list[tuple[int, str, int, int]]:
@@ -177,3 +180,74 @@ def test_write_jsonl_rejects_bad_rows(tmp_path):
     p.meta["answer"] = "x"
     with pytest.raises(ValueError, match="collide"):
         write_jsonl([p], tmp_path / "a.jsonl")
+
+
+# ------------------------------------------------------------------------------------------------
+# Correction rounds (mgrpo_fast.data.arithmetic_corrections)
+# ------------------------------------------------------------------------------------------------
+def test_derivation_round_trips_the_worked_solution(tmp_path):
+    problems = generate_problems(300, seed=5, levels=(1, 2, 3, 4, 5, 6))
+    for p in problems:
+        d = corrections.derivation(p)
+        assert corrections.worked_solution(d) == p.solution
+        assert [k for k, _ in d.steps] == p.meta["ops"]
+        assert d.start == int(re.search(r"\d+", p.question)[0])
+    # problems loaded back from JSONL keep what the derivation needs
+    loaded = load_problems(write_jsonl(problems[:20], tmp_path / "a.jsonl"))
+    assert [corrections.derivation(q) for q in loaded] == [corrections.derivation(p) for p in problems[:20]]
+
+
+def test_checked_solution_quotes_each_sentence_before_its_equations():
+    for p in generate_problems(300, seed=6, levels=(1, 2, 3, 4)):
+        text = corrections.checked_solution(p)
+        assert answers_match(extract_answer(text), p.answer)
+        sentences = p.question.split(". ")[:-1]  # start + one per operation (the question left out)
+        equations = p.solution.split(". ")[:-1]
+        pos = 0
+        for s in sentences:  # every sentence of the question, in order
+            pos = text.index(s, pos) + len(s)
+        assert [e for e in re.findall(r"\d+[-+*/]\d+=\d+", text)] == equations  # the same equations
+        assert text.endswith(f"\\boxed{{{p.answer}}}")
+    p = Problem(id="x", question="Mia has 7 apples. She buys 3 bags with 4 apples each. She gives away 5. "
+                "How many apples does she have now?", answer="14", solution="3*4=12. 7+12=19. 19-5=14. "
+                "\\boxed{14}", meta={"ops": ["add_groups", "sub"]})  # fmt: skip
+    assert corrections.checked_solution(p) == (
+        "Mia has 7 apples. She buys 3 bags with 4 apples each: 3*4=12. 7+12=19. She gives away 5: 19-5=14. "
+        "\\boxed{14}"
+    )
+
+
+def test_checked_solution_span_style_quotes_each_sentence_span():
+    p = Problem(id="x", question="Mia has 7 apples. She buys 3 bags with 4 apples each. He doubles his pens. "
+                "How many apples does she have now?", answer="20", solution="3*4=12. 7+12=19. 19*2=38. "
+                "\\boxed{38}", meta={"ops": ["add_groups", "mul"]})  # fmt: skip
+    assert corrections.checked_solution(p, "span") == (
+        "has 7. buys 3 bags with 4: 3*4=12. 7+12=19. doubles his pens: 19*2=38. \\boxed{38}"
+    )
+    for q in generate_problems(200, seed=8, levels=(1, 2, 3)):
+        span, sentence = corrections.checked_solution(q, "span"), corrections.checked_solution(q)
+        assert answers_match(extract_answer(span), q.answer) and len(span) < len(sentence)
+    with pytest.raises(ValueError, match="style"):
+        corrections.checked_solution(p, "words")
+
+
+@pytest.mark.parametrize("mistake", [*corrections.MISTAKES, None])
+def test_flawed_solution_has_one_carried_mistake_and_a_wrong_answer(mistake):
+    rng = random.Random(0)
+    for p in generate_problems(200, seed=7, levels=(1, 2, 3)):
+        text = corrections.flawed_solution(p, rng, mistake)
+        assert not answers_match(extract_answer(text), p.answer), (p.solution, text)
+        eqs = [EQUATION.match(e) for e in text.split(". ")[:-1]]
+        assert all(eqs) and len(eqs) == len(p.solution.split(". ")) - 1, text
+        right = [FLOOR[m[2]](int(m[1]), int(m[3])) == int(m[4]) for m in eqs]
+        if mistake == "slip":  # exactly one wrong result; the later steps compute on from it
+            assert right.count(False) == 1, text
+        elif mistake in ("number", "carry"):  # the arithmetic stays right (floor division)
+            assert all(right), text
+    with pytest.raises(ValueError, match="mistake"):
+        corrections.flawed_solution(p, rng, "typo")
+
+
+def test_derivation_rejects_a_problem_of_another_task():
+    with pytest.raises(ValueError, match="arithmetic-task"):
+        corrections.derivation(Problem(id="g", question="What is 2+2?", answer="4", solution="2+2=4"))

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 
 from mgrpo_fast.data.arithmetic import bundled_problems, generate_problems
+from mgrpo_fast.data.arithmetic_corrections import checked_solution
 from mgrpo_fast.data.bundled import bundled_model_path
 from mgrpo_fast.data.prompts import (
     DEFAULT_GUIDING_PHRASES,
@@ -67,6 +68,23 @@ def test_tokenizer_round_trips_without_unknown_tokens(bundled):
     cp = build_correction_prompt(p, " " + p.solution, DEFAULT_GUIDING_PHRASES[1], tokenizer)
     assert cp.prompt_ids == tokenizer(cp.text, add_special_tokens=False)["input_ids"]
     assert cp.prompt_ids[: cp.question_end] == build_prompt_ids(p, tokenizer)
+
+
+@pytest.mark.parametrize("correction_format", ["sentence", "span", "worked"])
+def test_correction_round_example_is_the_layer2_input_then_the_rederivation(bundled, correction_format):
+    """A supervised correction round (``--correction-share``): its prompt part is token for token the
+    layer-2 input the trainer builds, and only the re-derivation (then EOS) is the target."""
+    _, _, tokenizer = bundled
+    p = generate_problems(5, seed=1, levels=(2,))[0]
+    first = " 1+1=3. \\boxed{3}"
+    ids, n = make_tiny_model.encode_correction_example(
+        p, first.lstrip(), DEFAULT_GUIDING_PHRASES[0], tokenizer, correction_format=correction_format
+    )
+    cp = build_correction_prompt(p, first, DEFAULT_GUIDING_PHRASES[0], tokenizer, instruction=None)
+    assert (ids[:n], n) == (cp.prompt_ids, cp.num_prompt_tokens)
+    assert ids[-1] == tokenizer.eos_token_id
+    expected = p.solution if correction_format == "worked" else checked_solution(p, correction_format)
+    assert tokenizer.decode(ids[n:-1]) == " " + expected
 
 
 def _spec(path):
