@@ -7,6 +7,7 @@ number or an opaque indexing error from deep inside a kernel.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -83,3 +84,9 @@ def check_positive(name: str, value: float | int) -> None:
 def check_non_negative(name: str, value: float | int) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
         raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+
+
+def check_finite_number(name: str, value: object, expected: str = "a finite number") -> None:
+    """A real number (not a bool), neither NaN nor infinite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
