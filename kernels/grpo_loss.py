@@ -64,6 +64,9 @@ from ._common import AotSpec, check_kernel_device, interpreting
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# min/max that return NaN when an operand is NaN (the default lets the GPU return the other operand:
+# a NaN ratio would be clipped into a finite loss while its gradient is NaN).
+NAN_IN_NAN_OUT = tl.constexpr(tl.PropagateNan.ALL)
 _KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 # The policy term of each loss type (the SURROGATE constexpr).
 SURROGATE_CLIP, SURROGATE_CISPO, SURROGATE_SAPO, SURROGATE_REINFORCE = 0, 1, 2, 3
@@ -152,13 +155,15 @@ def _grpo_token_terms_kernel(
         old = tl.where(active, tl.load(old_ptr + offs, mask=inside, other=0.0), 0.0)
         ratio = _exp(lp - old)
     else:
-        ratio = tl.full((BLOCK,), 1.0, tl.float32)
+        # On-policy: exp(logp - stop_grad(logp)) = 1, or NaN where logp is not finite (NaN hidden
+        # states), so the loss turns NaN with its gradient instead of staying finite.
+        ratio = _exp(lp - lp)
 
     no_flag = tl.zeros((BLOCK,), tl.int1)
     is_low = no_flag
     is_high = no_flag
     if SURROGATE == 1:  # cispo
-        is_weight = tl.minimum(ratio, clip_hi)
+        is_weight = tl.minimum(ratio, clip_hi, propagate_nan=NAN_IN_NAN_OUT)
         per_token = -is_weight * adv * lp
         d_per_token = -is_weight * adv
         is_high = (ratio > clip_hi) & (adv > 0.0)
@@ -177,13 +182,13 @@ def _grpo_token_terms_kernel(
         per_token = -adv * lp
         d_per_token = -adv
     else:  # clip
-        clipped = tl.minimum(tl.maximum(ratio, clip_lo), clip_hi)
+        clipped = tl.minimum(tl.maximum(ratio, clip_lo, NAN_IN_NAN_OUT), clip_hi, NAN_IN_NAN_OUT)
         clip_passes = (ratio >= clip_lo) & (ratio <= clip_hi)
-        unclipped = tl.minimum(ratio, delta)
+        unclipped = tl.minimum(ratio, delta, NAN_IN_NAN_OUT)
         unclip_passes = ratio <= delta
         a = unclipped * adv
         b = clipped * adv
-        per_token = -tl.minimum(a, b)
+        per_token = -tl.minimum(a, b, NAN_IN_NAN_OUT)
         # torch.minimum's gradient: all to the smaller input, split equally on a tie.
         share_a = tl.where(a < b, 1.0, tl.where(a == b, 0.5, 0.0))
         share_b = 1.0 - share_a

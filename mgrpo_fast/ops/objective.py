@@ -17,11 +17,12 @@ import torch
 from mgrpo_fast.ops.layout import SequenceLayout
 from mgrpo_fast.ops.options import LossOptions
 from mgrpo_fast.ops.validation import (
-    check_finite,
     check_float,
     check_same_device,
     check_shape,
     check_tensor,
+    non_finite_error,
+    value_ranges,
 )
 
 
@@ -111,7 +112,6 @@ def flatten_batch(
     (token_name, first), *others = tokens.items()
     token_shape, device = tuple(first.shape), first.device
     check_float("advantages", advantages)
-    check_finite("advantages", advantages)
     here = torch.empty(0, device=device)
     if cu_seqlens is None:
         if len(token_shape) != 2:
@@ -144,25 +144,16 @@ def flatten_batch(
         is_ratio, ratio_per_seq = per_sequence_or_token(
             "vllm_is_ratio", vllm_is_ratio.detach(), per_seq_shape, token_shape, seq_symbols, padded=padded
         )
-        check_finite("vllm_is_ratio", is_ratio)
-        low = float(is_ratio.min()) if is_ratio.numel() else 0.0
-        if low < 0:
-            raise ValueError(f"vllm_is_ratio: expected importance weights >= 0, got a minimum of {low}")
     if mask is None:
         flat_mask = torch.ones(layout.num_tokens, device=device)
     else:
         check_tensor("mask", mask)
         check_shape("mask", mask, token_shape, "like the token tensors")
         flat_mask = mask.reshape(-1).to(torch.float32 if not mask.is_floating_point() else mask.dtype)
-        check_finite("mask", flat_mask)
     if token_weight is not None:
         check_float("token_weight", token_weight)
         check_shape("token_weight", token_weight, token_shape, "like the token tensors")
         check_same_device(token_name, here, token_weight=token_weight)
-        check_finite("token_weight", token_weight)
-        low = float(token_weight.min()) if token_weight.numel() else 0.0
-        if low < 0:
-            raise ValueError(f"token_weight: expected weights >= 0, got a minimum of {low}")
         token_weight = token_weight.reshape(-1)
     elif padding_loss:
         raise ValueError("token_weight: required with padding_loss (the weights of every row)")
@@ -171,6 +162,14 @@ def flatten_batch(
             check_float(name, t)
             check_shape(name, t, token_shape, "like the token tensors")
             check_same_device("the token tensors", here, **{name: t})
+    check_values(
+        advantages=adv,
+        old_logp=tokens.get("old_logp"),
+        ref_logp=tokens.get("ref_logp"),
+        vllm_is_ratio=is_ratio,
+        token_weight=token_weight,
+        mask=mask,
+    )
     if options.beta != 0.0 and tokens.get("ref_logp") is None:
         raise ValueError(f"ref_logp: required when beta != 0 (beta={options.beta}); pass reference log-probs")
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
@@ -186,6 +185,55 @@ def flatten_batch(
         is_ratio_per_seq=ratio_per_seq,
         padding_loss=padding_loss,
     )
+
+
+def check_values(
+    *,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    vllm_is_ratio: torch.Tensor | None,
+    token_weight: torch.Tensor | None,
+    mask: torch.Tensor | None,
+) -> None:
+    """The values of a batch's inputs (shapes and dtypes already checked): ``old_logp`` and
+    ``ref_logp`` finite where the mask is non-zero (padding may hold anything: it is never read),
+    ``advantages``, ``vllm_is_ratio`` and ``token_weight`` finite everywhere, the last two ``>= 0``;
+    ``mask`` 0/1 (any dtype; bool needs no check). A ``-1`` in a mask would flip the sign of that
+    token's loss, a ``0.5`` halve it: both are refused rather than read as weights (``token_weight``
+    is for weights).
+
+    Cost: one fused min/max reduction per tensor (``old_logp``/``ref_logp`` with a mask: one
+    elementwise select more; a float mask: one elementwise pass more, for ``m - m²``) and one host
+    synchronisation for the whole batch: O(N) reads, against the lm_head's O(N·H·V) FLOPs in
+    ``fused_linear_grpo_loss``, and of the order of ``grpo_loss``'s own few O(N) passes.
+    """
+    active = None if mask is None else mask != 0
+    probes = {"advantages": advantages}
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if t is not None:
+            probes[name] = t if active is None else torch.where(active, t, 0.0)
+    for name, t in (("vllm_is_ratio", vllm_is_ratio), ("token_weight", token_weight)):
+        if t is not None:
+            probes[name] = t
+    if mask is not None and mask.dtype != torch.bool:
+        # m - m² is 0 exactly where m is 0 or 1 (and NaN where m is); integer masks: their range
+        probes["mask"] = torch.addcmul(mask, mask, mask, value=-1) if mask.is_floating_point() else mask
+    ranges = value_ranges(probes)
+    for name, (low, high) in sorted(ranges.items(), key=lambda item: item[0] != "mask"):
+        if name == "mask":
+            ok = low == high == 0.0 if mask.is_floating_point() else (low >= 0 and high <= 1)
+            if not ok:
+                values = mask[(mask != 0) & (mask != 1)].unique()[:5].tolist()
+                raise ValueError(
+                    "mask: expected 0/1 values (1 = the token carries the loss) or a bool tensor, got "
+                    f"{values} (weights go in token_weight)"
+                )
+        elif not (math.isfinite(low) and math.isfinite(high)):
+            raise non_finite_error(name, probes[name])
+        elif name in ("vllm_is_ratio", "token_weight") and low < 0:
+            what = "importance weights" if name == "vllm_is_ratio" else "weights"
+            raise ValueError(f"{name}: expected {what} >= 0, got a minimum of {low}")
 
 
 def token_weights(batch: FlatBatch, options: LossOptions, dtype: torch.dtype) -> torch.Tensor:

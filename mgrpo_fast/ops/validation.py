@@ -8,7 +8,7 @@ number or an opaque indexing error from deep inside a kernel.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -60,6 +60,24 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name}: expected finite values, found {bad} NaN/Inf entries")
+
+
+def value_ranges(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """``{name: (min, max)}`` of each non-empty tensor: one fused ``torch.aminmax`` reduction per tensor
+    (a NaN anywhere makes both NaN, an infinity shows in min or max) and one host synchronisation for
+    all of them together."""
+    names = [name for name, t in tensors.items() if t.numel()]
+    if not names:
+        return {}
+    pairs = [torch.aminmax(tensors[name].detach()) for name in names]
+    values = torch.stack([torch.stack(p).to(torch.float64) for p in pairs]).tolist()
+    return {name: (lo, hi) for name, (lo, hi) in zip(names, values)}
+
+
+def non_finite_error(name: str, t: torch.Tensor) -> ValueError:
+    """The error for a tensor found (by ``value_ranges``) to hold NaN/Inf; counts them (error path)."""
+    bad = int((~torch.isfinite(t)).sum())
+    return ValueError(f"{name}: expected finite values, found {bad} NaN/Inf entries")
 
 
 def check_index_range(name: str, t: torch.Tensor, upper: int, upper_name: str) -> None:
