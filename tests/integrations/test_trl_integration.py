@@ -208,6 +208,7 @@ def configure(scored):
         "vllm_importance_sampling_correction",
         "off_policy_mask_threshold",
         "top_entropy_quantile",
+        "scale_rewards",
         "epsilon_low",
         "epsilon_high",
         "entropy_coef",
@@ -246,23 +247,55 @@ def configure(scored):
         setattr(trainer.args, n, v)
 
 
-@pytest.mark.parametrize(
-    "beta, corrected_kl",
-    [(0.0, True), (0.04, True), (0.04, False)],
-    ids=["beta0", "beta0.04", "beta0.04-uncorrected-kl"],
-)
+EPSILONS = {
+    "eps-asymmetric": dict(epsilon_low=0.2, epsilon_high=0.28),
+    "eps-wide": dict(epsilon_low=0.5, epsilon_high=2.0),  # cispo: the IS weight capped at 2
+}
+BETAS = {
+    "beta0": dict(beta=0.0),
+    "beta0.04": dict(beta=0.04, use_bias_correction_kl=True),
+    "beta0.04-uncorrected": dict(beta=0.04, use_bias_correction_kl=False),
+}
+
+
+@pytest.mark.parametrize("epsilons", EPSILONS, ids=list(EPSILONS))
+@pytest.mark.parametrize("betas", BETAS, ids=list(BETAS))
+@pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_loss_and_grads_match_trl(scored, configure, loss_type, beta, corrected_kl):
-    """Every loss type, with and without the (importance-weighted) KL term, in one fused pass."""
+def test_configuration_matrix_matches_trl(scored, configure, loss_type, level, betas, epsilons):
+    """TRL accepts every loss type at both importance-sampling levels, with or without the KL term
+    (importance-weighted or not) and any clip range: each combination gives TRL's loss, gradients
+    and metrics. (``scale_rewards`` acts on the advantages before the loss: test below.)"""
     trainer, inputs = scored
-    extra = dict(epsilon_high=1.1) if loss_type == "cispo" else {}
-    configure(loss_type=loss_type, beta=beta, use_bias_correction_kl=corrected_kl, **extra)
-    metrics = assert_same(trainer, inputs, expect_clipping=loss_type not in ("cispo", "sapo", "vespo"))
-    assert ("kl" in metrics) == (beta != 0.0)
+    configure(loss_type=loss_type, importance_sampling_level=level, **BETAS[betas], **EPSILONS[epsilons])
+    clips = loss_type not in ("cispo", "sapo", "vespo")
+    both_sides_clip = clips and level == "token" and epsilons == "eps-asymmetric"  # on this batch
+    metrics = assert_same(trainer, inputs, expect_clipping=both_sides_clip)
+    assert ("kl" in metrics) == (BETAS[betas]["beta"] != 0.0)
     assert "entropy" in metrics
     clip_keys = ("clip_ratio/low_min", "clip_ratio/high_max", "clip_ratio/region_mean")
-    assert all(key in metrics for key in clip_keys) == (loss_type not in ("cispo", "sapo", "vespo"))
+    assert all(key in metrics for key in clip_keys) == clips
     assert ("vespo/phi_seq_mean" in metrics) == (loss_type == "vespo")
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_scale_rewards_matches_trl(scored, configure, loss_type):
+    """Advantages scaled as each ``scale_rewards`` says (TRL's own code: the fused trainer only replaces
+    the loss), then the loss on them: TRL's."""
+    from trl.trainer.utils import split_tensor_dict
+
+    trainer, _ = scored
+    advantages = {}
+    for scale_rewards in ("group", "batch", "none"):
+        configure(loss_type=loss_type, scale_rewards=scale_rewards)
+        torch.manual_seed(0)  # the same completions and rewards each time
+        batch = next(iter(trainer.get_train_dataloader()))
+        inputs = trainer._generate_and_score_completions(batch)
+        advantages[scale_rewards] = inputs["advantages"]
+        micro_batch = split_tensor_dict(inputs, trainer.args.steps_per_generation)[0]
+        assert_same(trainer, micro_batch, expect_clipping=False)
+    group, batch_scaled, none = advantages.values()
+    assert none.abs().sum() > 0 and not torch.allclose(group, none) and not torch.allclose(batch_scaled, none)
 
 
 def test_loss_types_differ_on_this_batch(scored, configure):
