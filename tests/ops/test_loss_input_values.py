@@ -48,20 +48,16 @@ def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def call(op: str, d: dict, impl: str, **options):
-    """``(loss, metrics)`` of ``op`` on the batch ``d`` (beta = 0.04: the reference is read)."""
+    """``(loss, metrics)`` of ``op`` on the batch ``d`` (beta = 0.04 unless given: the reference is
+    read); ``old_logp`` and ``vllm_is_ratio`` only when ``d`` has them."""
     options = {"beta": 0.04, **options}
-    common = dict(vllm_is_ratio=d["vllm_is_ratio"], impl=impl, **options)
+    common = dict(vllm_is_ratio=d.get("vllm_is_ratio"), impl=impl, **options)
+    old, ref = d.get("old_logp"), d["ref_logp"]
     if op == "grpo_loss":
-        return grpo_loss(d["logp"], d["old_logp"], d["ref_logp"], d["advantages"], d["mask"], **common)
+        return grpo_loss(d["logp"], old, ref, d["advantages"], d["mask"], **common)
+    hidden, weight, targets = d["hidden"], d["weight"], d["targets"]
     return fused_linear_grpo_loss(
-        d["hidden"],
-        d["weight"],
-        d["targets"],
-        d["advantages"],
-        d["mask"],
-        old_logp=d["old_logp"],
-        ref_logp=d["ref_logp"],
-        **common,
+        hidden, weight, targets, d["advantages"], d["mask"], old_logp=old, ref_logp=ref, **common
     )
 
 
@@ -155,20 +151,11 @@ def test_nan_hidden_states_give_a_nan_loss(loss_type, impl, with_old):
     d = make_batch()
     d["hidden"][1, 2, 3] = NAN
     hidden = d["hidden"].requires_grad_(True)
-    old = d["old_logp"] if with_old else None
-    loss, _ = fused_linear_grpo_loss(
-        hidden,
-        d["weight"],
-        d["targets"],
-        d["advantages"],
-        d["mask"],
-        old_logp=old,
-        ref_logp=d["ref_logp"],
-        beta=0.04,
-        loss_type=loss_type,
-        importance_sampling_level=level_of(loss_type),
-        impl=impl,
-    )
+    del d["vllm_is_ratio"]
+    if not with_old:
+        del d["old_logp"]
+    level = level_of(loss_type)
+    loss, _ = call("fused_linear_grpo_loss", d, impl, loss_type=loss_type, importance_sampling_level=level)
     assert torch.isnan(loss), loss
     loss.backward()
     assert not torch.isfinite(hidden.grad).all()
@@ -180,16 +167,11 @@ def test_nan_hidden_states_give_a_nan_loss(loss_type, impl, with_old):
 def test_nan_logp_gives_a_nan_loss(loss_type, impl, with_old):
     d = make_batch()
     d["logp"][0, 1] = NAN
-    old = d["old_logp"] if with_old else None
-    loss, _ = grpo_loss(
-        d["logp"],
-        old,
-        None,
-        d["advantages"],
-        d["mask"],
-        loss_type=loss_type,  # the Triton kernel is per token: every loss type at token level
-        impl=impl,
-    )
+    del d["vllm_is_ratio"]
+    if not with_old:
+        del d["old_logp"]
+    # the Triton kernel is per token: every loss type at token level
+    loss, _ = call("grpo_loss", d, impl, beta=0.0, loss_type=loss_type)
     assert torch.isnan(loss), loss
 
 
