@@ -196,8 +196,10 @@ class GRPOLoss(nn.Module):
                 ``ref_per_token_logps`` and ``ref_input``, the former is used (with a warning).
             ref_input, ref_weight, ref_bias: reference model's hidden states and head; its
                 log-probs are computed without gradient when ``ref_per_token_logps`` is None.
-            vllm_is_ratio: sampler correction, ``(B, T)`` per token or ``(B,)``/``(B, 1)`` per
-                sequence: multiplies the policy term (vespo: enters its weight).
+            vllm_is_ratio: sampler correction (truncated importance weights, trainer over sampler
+                probability, >= 0 and finite), ``(B, T)`` per token or ``(B,)``/``(B, 1)`` per
+                sequence, no gradient: multiplies the policy term, not the KL (vespo: enters its
+                weight φ instead).
             num_items_in_batch: ``dapo``/``cispo``/``vespo``: the loss tokens of the whole generation
                 batch (over all processes); the loss is divided by it over the world size instead of
                 the mask sum (TRL's normalizer).
