@@ -309,6 +309,10 @@ def test_loss_types_differ_on_this_batch(scored, configure):
     assert len({round(v, 6) for v in values.values()}) == len(LOSS_TYPES), values
 
 
+# the adaptive entropy control after a window whose entropy was 0 (the coefficient moves)
+ADAPTIVE = dict(use_adaptive_entropy=True, entropy_coef=0.02, _last_world_entropy=0.0)
+
+
 @pytest.mark.parametrize(
     "case",
     [
@@ -334,29 +338,10 @@ def test_loss_types_differ_on_this_batch(scored, configure):
         dict(loss_type="dr_grpo", entropy_coef=-0.02),
         dict(loss_type="vespo", entropy_coef=0.05),
         dict(loss_type="dapo", entropy_coef=0.05, top_entropy_quantile=0.5),
-        dict(
-            loss_type="grpo",
-            use_adaptive_entropy=True,
-            entropy_coef=0.02,
-            _last_world_entropy=0.0,
-            entropy_target=5.0,
-        ),
-        dict(
-            loss_type="dapo",
-            use_adaptive_entropy=True,
-            entropy_coef=0.02,
-            _last_world_entropy=0.0,
-            entropy_target=0.5,
-        ),
+        dict(ADAPTIVE, loss_type="grpo", entropy_target=5.0),
+        dict(ADAPTIVE, loss_type="dapo", entropy_target=0.5),
         dict(loss_type="dapo", use_adaptive_entropy=True, entropy_coef=0.02, entropy_target=5.0),
-        dict(
-            loss_type="grpo",
-            use_adaptive_entropy=True,
-            entropy_coef=0.02,
-            _last_world_entropy=0.0,
-            entropy_target=5.0,
-            top_entropy_quantile=0.5,
-        ),
+        dict(ADAPTIVE, loss_type="grpo", entropy_target=5.0, top_entropy_quantile=0.5),
         dict(loss_type="dapo", delta=0.9),
         dict(loss_type="grpo", epsilon_low=1.2, epsilon_high=0.1),
     ],
