@@ -18,6 +18,8 @@ Notation used in the docstrings below, per token ``t`` of sequence ``i`` with ma
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # The option names are the product's (one list); the math below is written independently of it.
@@ -132,6 +134,60 @@ def kl_ref(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") ->
     raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
 
 
+def sapo_gate_ref(
+    ratio: torch.Tensor, advantages: torch.Tensor, temperature_pos: float, temperature_neg: float
+) -> torch.Tensor:
+    """SAPO's soft gate, replacing the clip: ``g(r) = σ(τ (r - 1)) · 4 / τ`` with ``τ = τ_pos`` where
+    ``A > 0`` and ``τ_neg`` elsewhere. ``g(1) = 2/τ`` and ``g'(1) = 1``: near on-policy it acts as the
+    ratio itself, and it decays smoothly (instead of a hard cut) as ``r`` leaves 1.
+
+    Source: Soft Adaptive Policy Optimization, arXiv 2511.20347; TRL ``GRPOTrainer`` (``loss_type="sapo"``)
+    and Liger ``sapo_loss_fn``. The per-token loss is ``-g(r) A``.
+    """
+    tau = torch.where(advantages > 0, temperature_pos, temperature_neg).to(ratio.dtype)
+    return torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau
+
+
+VESPO_LOG_W_MIN = math.log(1e-8)
+"""Lower clamp of VESPO's log sequence weight (and of the log sampler ratios folded into it)."""
+
+
+def vespo_weights_ref(
+    log_ratio: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    is_ratio: torch.Tensor | None,
+    *,
+    k_pos: float,
+    lambda_pos: float,
+    k_neg: float,
+    lambda_neg: float,
+) -> torch.Tensor:
+    """VESPO's detached Gamma weight ``φ`` per sequence (``(B, 1)``, or ``(B, T)`` for per-token advantages).
+
+    ``log w = clamp(Σ_t m_t clamp(log_ratio_t, -20, 20) + Σ_t clamp(log v_t, log 1e-8, 20), log 1e-8, 20)``,
+    the log of the *product* of the token ratios of the sequence (not GSPO's mean), times the sampler
+    correction ``v`` (``is_ratio``: ``(B, 1)`` one factor per sequence, ``(B, T)`` summed over every
+    position, padding included, as TRL and Liger do); then ``φ = exp(λ + k log w - λ w)``, the Gamma
+    density normalized so ``φ(1) = 1``, with ``(k, λ) = (k_pos, λ_pos)`` where ``A >= 0`` and
+    ``(k_neg, λ_neg)`` elsewhere, ``λ >= 1e-4``; NaN/inf become 0. The per-token loss is
+    ``-sg(φ) A logp`` (``φ`` only scales the policy gradient).
+
+    Source: Variational Sequence-Level Soft Policy Optimization, arXiv 2602.10693; TRL
+    ``GRPOTrainer.get_gamma_weights`` and Liger ``get_gamma_weights``.
+    """
+    with torch.no_grad():
+        seq = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(-1, keepdim=True)
+        if is_ratio is not None:
+            seq = seq + torch.clamp(torch.log(is_ratio), VESPO_LOG_W_MIN, 20.0).sum(-1, keepdim=True)
+        log_w = torch.clamp(seq, VESPO_LOG_W_MIN, 20.0)
+        nonneg = advantages >= 0
+        k = torch.where(nonneg, k_pos, k_neg).to(log_w.dtype)
+        lam = torch.where(nonneg, lambda_pos, lambda_neg).to(log_w.dtype).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def grpo_loss_ref(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -147,9 +203,20 @@ def grpo_loss_ref(
     kl_estimator: str = "k3",
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    use_bias_correction_kl: bool = False,
+    entropy_coef: float = 0.0,
     entropy: torch.Tensor | None = None,
+    vllm_is_ratio: torch.Tensor | None = None,
+    num_items_in_batch: float | None = None,
+    reduce_padding: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The clipped GRPO objective and its metrics, padded layout.
+    """The GRPO objective of every loss type and its metrics, padded layout.
 
     Args:
         logp: ``(B, T)`` log-probs under the current policy (carries the gradient).
@@ -158,29 +225,56 @@ def grpo_loss_ref(
         ref_logp: ``(B, T)`` reference-model log-probs; required when ``beta != 0``.
         advantages: ``(B,)`` per sequence or ``(B, T)`` per token.
         mask: ``(B, T)`` 1 for completion tokens that carry the loss, 0 otherwise.
-        entropy: optional ``(B, T)`` per-token entropy, only reported as a metric.
+        entropy: optional ``(B, T)`` per-token entropy: the ``entropy`` metric, and the bonus
+            ``-entropy_coef · Σ m H / max(1, M)`` (differentiable) when ``entropy_coef != 0``.
+        vllm_is_ratio: optional sampler correction ``v`` (truncated importance sampling: the
+            trainer's over the sampler's probability, clipped by the caller), ``(B, T)`` per token or
+            ``(B,)``/``(B, 1)`` per sequence, ``>= 0``, no gradient: multiplies the policy term (not
+            the KL); for ``vespo`` it enters ``φ`` instead (``vespo_weights_ref``).
+        num_items_in_batch: ``dapo``/``cispo``/``vespo`` only: the token count to divide by instead
+            of ``M`` (TRL's and Liger's count of the whole generation batch).
+        reduce_padding: Liger 0.8.5's ``luspo`` reduction (below), not TRL's; ``luspo`` only.
+        other keywords: the fields of ``mgrpo_fast.ops.options.LossOptions``.
 
-    Per-token loss ``ℓ_it`` (``r`` and ``A`` as in the module docstring):
+    Importance weight, with ``x_t = logp_t - old_logp_t`` (0 where ``m = 0``): ``r_t = exp(x_t)``
+    (``token``) or ``r = exp(Σ_t m_t x_t / max(1, Σ_t m_t))`` per sequence (``sequence``, GSPO,
+    arXiv 2507.18071). Per-token policy term ``p_t`` (``A`` the advantage):
 
-    * ``grpo, bnpo, dr_grpo, dapo``: ``ℓ = -min(r̃ A, clip(r, 1-ε_low, 1+ε_high) A)`` where
-      ``r̃ = min(r, δ)`` when the dual-clip ``delta`` is set (TRL's ``delta``), else ``r``;
-    * ``cispo``: ``ℓ = -sg(min(r, ε_high)) A logp`` (clipped, detached IS weight times the
-      REINFORCE term; ``epsilon_high`` is the absolute cap here, e.g. 5.0, as in TRL and Liger);
+    * ``grpo, bnpo, dr_grpo, dapo, luspo``: ``-min(r̃ A, clip(r, 1-ε_low, 1+ε_high) A)`` with
+      ``r̃ = min(r, δ)`` when the dual-clip ``delta`` is set (INTELLECT-2, arXiv 2505.07291), else ``r``
+      (PPO/GRPO, arXiv 2402.03300);
+    * ``cispo``: ``-sg(min(r, ε_high)) A logp`` (MiniMax-M1, arXiv 2506.13585: the clipped, detached
+      IS weight times the REINFORCE term; ``epsilon_high`` is the absolute cap, e.g. 5.0);
+    * ``sapo``: ``-g(r) A`` with the soft gate of :func:`sapo_gate_ref` (arXiv 2511.20347);
+    * ``vespo``: ``-sg(φ) A logp`` with the Gamma weight of :func:`vespo_weights_ref` (arXiv 2602.10693).
 
-    plus ``β KL_est(logp, ref_logp)`` when ``beta != 0``. Reductions, with ``M = Σ m``:
+    ``p_t`` is multiplied by ``v`` (``vllm_is_ratio``) except for ``vespo``. The per-token loss is
+    ``ℓ_t = p_t + β KL_t`` when ``beta != 0``, ``KL_t = KL_est(logp, ref_logp)`` (:func:`kl_ref`),
+    times ``r`` (token or sequence, unclipped, differentiable) when ``use_bias_correction_kl``
+    (DeepSeek-V3.2, arXiv 2512.02556). Reductions, with ``M = Σ m`` and ``M_i = Σ_t m_it``:
 
-    * ``grpo``: ``(1/B) Σ_i (Σ_t m_it ℓ_it) / max(1, Σ_t m_it)``  (token mean per sequence, then mean)
+    * ``grpo``, ``sapo``: ``(1/B) Σ_i (Σ_t m_it ℓ_it) / max(1, M_i)``  (token mean per sequence, then mean)
     * ``bnpo``: ``Σ m ℓ / max(1, M)``
-    * ``dr_grpo``: ``Σ m ℓ / (B · L)`` with ``L = max_completion_length`` (default: ``T``)
-    * ``dapo``, ``cispo``: ``Σ m ℓ / max(1, M)`` (token mean over the whole batch; the trainer
-      passes the global token count when a batch is split across micro-batches or ranks)
+    * ``dr_grpo``: ``Σ m ℓ / (B · L)`` with ``L = max_completion_length`` (default: ``T``; Dr. GRPO,
+      arXiv 2503.20783)
+    * ``dapo``, ``cispo``, ``vespo``: ``Σ m ℓ / max(1, N)`` with ``N = num_items_in_batch``, default
+      ``M`` (DAPO, arXiv 2503.14476: the token mean over the whole batch)
+    * ``luspo``: ``(1/B) Σ_i Σ_t m_it ℓ_it`` (LUSPO, arXiv 2602.05261: GSPO's sequence loss scaled by
+      the sequence's length ``M_i``; TRL 1.16's masked form). With ``reduce_padding`` (Liger 0.8.5, and
+      TRL before 1.16): ``Σ_{i,t} M_i ℓ_it / (B · T)`` over every position, padding included, where the
+      per-token loss is evaluated from the given values (no masking); the two agree when ``ℓ`` is one
+      value per sequence (``sequence`` level, no KL, no per-token ``v``).
+
+    minus ``entropy_coef · Σ m H / max(1, M)`` (TRL's entropy bonus: a token mean whatever the loss
+    type; Skywork-OR1's adaptive variant, arXiv 2505.22312, only changes the coefficient between steps).
 
     Metrics (detached 0-dim tensors; token means over the mask, or plain means over sequences for
-    sequence-level quantities, as TRL's ``masked_batch_mean``): ``kl`` (when ``ref_logp`` is given),
-    ``ratio``, ``clip_ratio/low_mean`` (``r < 1-ε_low`` and ``A < 0``), ``clip_ratio/high_mean``
-    (``r > 1+ε_high`` and ``A > 0``; for cispo ``r > ε_high`` and ``A > 0``),
-    ``clip_ratio/region_mean`` (either), ``clip_ratio/region_token_mean`` (either, always weighted by
-    tokens: Liger's ``clip_ratio``), ``entropy`` (when given).
+    sequence-level quantities, as TRL's ``masked_batch_mean``): ``kl`` (when ``ref_logp`` is given;
+    bias-corrected when ``use_bias_correction_kl``), ``ratio``, ``clip_ratio/low_mean``
+    (``r < 1-ε_low`` and ``A < 0``), ``clip_ratio/high_mean`` (``r > 1+ε_high`` and ``A > 0``; for
+    cispo ``r > ε_high`` and ``A > 0``; sapo and vespo do not clip: 0), ``clip_ratio/region_mean``
+    (either), ``clip_ratio/region_token_mean`` (either, always weighted by tokens: Liger's
+    ``clip_ratio``), ``entropy`` (when given), ``vespo/phi_seq_mean`` (vespo: the mean of ``φ``).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -197,42 +291,81 @@ def grpo_loss_ref(
     adv = advantages.to(dtype)
     if adv.dim() == 1:
         adv = adv.unsqueeze(1)  # (B, 1), broadcasts over tokens
-
-    # Values outside the mask are ignored (zeroed before exp, so padding garbage cannot make NaN).
-    log_ratio = torch.where(mask != 0, logp - old_logp, torch.zeros_like(logp))
+    v = None
+    if vllm_is_ratio is not None:
+        v = vllm_is_ratio.to(dtype)
+        v = v.unsqueeze(1) if v.dim() == 1 else v  # (B, 1) or (B, T)
+    # Values outside the mask are ignored (zeroed before exp, so padding garbage cannot make NaN),
+    # except in Liger's luspo reduction, which evaluates the loss at every position.
+    valid = torch.ones_like(mask, dtype=torch.bool) if reduce_padding else mask != 0
+    token_log_ratio = torch.where(valid, logp - old_logp, torch.zeros_like(logp))
     if importance_sampling_level == "token":
-        log_weight = log_ratio
+        log_weight = token_log_ratio
     else:
-        log_weight = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (B, 1)
+        masked = torch.where(mask != 0, token_log_ratio, torch.zeros_like(logp))
+        log_weight = ((masked * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (B, 1)
     ratio = torch.exp(log_weight)
 
+    no_flags = torch.zeros_like(ratio * adv, dtype=torch.bool)
+    is_low = is_high = no_flags
+    phi = None
     if loss_type == "cispo":
-        per_token = -torch.clamp(ratio, max=epsilon_high).detach() * adv * logp
+        policy = -torch.clamp(ratio, max=epsilon_high).detach() * adv * logp
         is_high = (ratio > epsilon_high) & (adv > 0)
-        is_low = torch.zeros_like(is_high)
+    elif loss_type == "sapo":
+        policy = -sapo_gate_ref(ratio, adv, sapo_temperature_pos, sapo_temperature_neg) * adv
+    elif loss_type == "vespo":
+        masked = torch.where(mask != 0, token_log_ratio, torch.zeros_like(logp))
+        phi = vespo_weights_ref(
+            masked,
+            mask,
+            adv,
+            v,
+            k_pos=vespo_k_pos,
+            lambda_pos=vespo_lambda_pos,
+            k_neg=vespo_k_neg,
+            lambda_neg=vespo_lambda_neg,
+        )
+        policy = -phi * adv * logp
     else:
         clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
         unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
-        per_token = -torch.min(unclipped * adv, clipped * adv)
+        policy = -torch.min(unclipped * adv, clipped * adv)
         is_low = (ratio < 1.0 - epsilon_low) & (adv < 0)
         is_high = (ratio > 1.0 + epsilon_high) & (adv > 0)
+    if v is not None and loss_type != "vespo":
+        policy = policy * v
+    per_token = policy
 
     kl = None
     if ref_logp is not None:
-        kl = kl_ref(logp, torch.where(mask != 0, ref_logp.to(dtype), logp.detach()), kl_estimator)
+        kl = kl_ref(logp, torch.where(valid, ref_logp.to(dtype), logp.detach()), kl_estimator)
+        if use_bias_correction_kl:
+            kl = kl * ratio
     if beta != 0.0:
         if kl is None:
             raise ValueError("beta != 0 needs ref_logp")
         per_token = per_token + beta * kl
+    per_token = per_token.expand(B, T)
 
     tokens = mask.sum().clamp(min=1.0)
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / max(B, 1)
     elif loss_type == "dr_grpo":
         length = T if max_completion_length is None else max_completion_length
         loss = (per_token * mask).sum() / (max(B, 1) * max(length, 1))
-    else:  # bnpo, dapo, cispo
+    elif loss_type == "luspo" and reduce_padding:
+        loss = (per_token * mask.sum(-1, keepdim=True)).sum() / max(B * T, 1)
+    elif loss_type == "luspo":
+        loss = (per_token * mask).sum() / max(B, 1)
+    elif loss_type in ("dapo", "cispo", "vespo") and num_items_in_batch is not None:
+        loss = (per_token * mask).sum() / max(float(num_items_in_batch), 1.0)
+    else:  # bnpo, dapo, cispo, vespo
         loss = (per_token * mask).sum() / tokens
+    if entropy_coef != 0.0:
+        if entropy is None:
+            raise ValueError("entropy_coef != 0 needs entropy")
+        loss = loss - entropy_coef * (entropy.to(dtype) * mask).sum() / tokens
 
     def token_mean(x: torch.Tensor) -> torch.Tensor:  # values outside the mask are ignored
         return torch.where(mask != 0, x.to(dtype).expand(B, T) * mask, 0.0).sum() / tokens
@@ -253,6 +386,8 @@ def grpo_loss_ref(
         metrics["kl"] = token_mean(kl.detach())
     if entropy is not None:
         metrics["entropy"] = token_mean(entropy.detach())
+    if phi is not None:
+        metrics["vespo/phi_seq_mean"] = seq_mean(phi) if phi.shape[-1] == 1 else token_mean(phi)
     return loss, metrics
 
 

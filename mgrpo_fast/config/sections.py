@@ -346,7 +346,7 @@ class RewardConfig(Section):
 @dataclass(frozen=True, kw_only=True)
 class LossConfig(Section):
     """The objective of both layers (:meth:`options` gives the :class:`~mgrpo_fast.ops.options.LossOptions`
-    whose defaults and checks the first eight fields share; formulas in docs/algorithm.md)."""
+    whose defaults and checks the fields of the same names share; formulas in docs/algorithm.md)."""
 
     _section = "loss"
     loss_type: str = setting(
@@ -354,16 +354,16 @@ class LossConfig(Section):
         choices=LOSS_TYPES,
         doc="Surrogate and normalizer, as in TRL and Liger: dapo = token mean over the whole batch.",
     )
-    epsilon_low: float = setting(
-        _LOSS.epsilon_low, ge=0, doc="Lower clip: ratio >= 1 - epsilon_low (< 1 except for cispo)."
-    )
+    epsilon_low: float = setting(_LOSS.epsilon_low, ge=0, doc="Lower clip: ratio >= 1 - epsilon_low.")
     epsilon_high: float = setting(
         _LOSS.epsilon_high,
         ge=0,
         doc="Upper clip: ratio <= 1 + epsilon_high; for cispo the cap of the detached IS weight (e.g. 5).",
     )
     delta: float | None = setting(
-        _LOSS.delta, doc="Dual clip: the unclipped branch uses min(ratio, delta), delta > 1; null = off."
+        _LOSS.delta,
+        doc="Dual clip: the unclipped branch uses min(ratio, delta) (TRL recommends > 1 + epsilon_high); "
+        "null = off.",
     )
     beta: float = setting(_LOSS.beta, ge=0, doc="KL weight; 0 = no reference model is loaded at all.")
     kl_estimator: str = setting(
@@ -382,6 +382,27 @@ class LossConfig(Section):
         _LOSS.max_completion_length,
         ge=1,
         doc="L of dr_grpo's B * L normalizer; null = the longest sequence of the batch.",
+    )
+    sapo_temperature_pos: float = setting(
+        _LOSS.sapo_temperature_pos, gt=0, doc="sapo: temperature of the soft gate where the advantage is > 0."
+    )
+    sapo_temperature_neg: float = setting(
+        _LOSS.sapo_temperature_neg, gt=0, doc="sapo: temperature of the soft gate where the advantage is <= 0"
+    )
+    vespo_k_pos: float = setting(
+        _LOSS.vespo_k_pos, doc="vespo: shape k of the Gamma weight e^λ w^k e^(-λw) for advantages >= 0."
+    )
+    vespo_lambda_pos: float = setting(_LOSS.vespo_lambda_pos, doc="vespo: rate λ for advantages >= 0.")
+    vespo_k_neg: float = setting(_LOSS.vespo_k_neg, doc="vespo: shape k for advantages < 0.")
+    vespo_lambda_neg: float = setting(_LOSS.vespo_lambda_neg, doc="vespo: rate λ for advantages < 0.")
+    use_bias_correction_kl: bool = setting(
+        _LOSS.use_bias_correction_kl,
+        doc="Multiply the KL term by the importance ratio (DeepSeek-V3.2; TRL's default is true).",
+    )
+    entropy_coef: float = setting(
+        _LOSS.entropy_coef,
+        doc="Entropy bonus: loss -= entropy_coef * entropy, reduced with the loss type's token weights "
+        "(dapo: the token mean); 0 = off.",
     )
     advantage_scale: str = setting(
         "group",

@@ -20,41 +20,49 @@ training and 1 in eval, ``K`` = ``steps_per_generation`` in training and 1 in ev
 ``num_processes``, ``N`` = ``num_items_in_batch``, the mask sum of the whole generation batch over all
 processes):
 
-* ``grpo``:    TRL ``(1/B) Σ_i S_i / max(1, M_i) / G``  = fused ``grpo`` loss ``/ G``;
+* ``grpo``, ``sapo``: TRL ``(1/B) Σ_i S_i / max(1, M_i) / G``  = fused loss ``/ G``;
 * ``bnpo``:    TRL ``S / max(1, M) / G``                = fused ``bnpo`` loss ``/ G``;
 * ``dr_grpo``: TRL ``S / (B · max_completion_length) / G`` = fused ``dr_grpo`` loss (with
   ``max_completion_length``) ``/ G``;
-* ``dapo``, ``cispo``: TRL ``S / (max(1, N) / P · G / K)``; the fused loss is ``S / max(1, M)``, so
-  it is multiplied by ``max(1, M) / (max(1, N) / P · G / K)``. Summed over the ``K`` micro-batches of a
-  generation batch and the ``P`` processes (gradients are averaged over processes), each token
-  weighs ``1 / N`` per optimizer step when ``G = K``: the token mean of the whole generation batch.
+* ``luspo``:   TRL ``(1/B) Σ_i S_i / G``                = fused ``luspo`` loss ``/ G`` (TRL 1.16's masked
+  form);
+* ``dapo``, ``cispo``, ``vespo``: TRL ``S / (max(1, N) / P · G / K)``; the fused loss is
+  ``S / max(1, M)``, so it is multiplied by ``max(1, M) / (max(1, N) / P · G / K)``. Summed over the
+  ``K`` micro-batches of a generation batch and the ``P`` processes (gradients are averaged over
+  processes), each token weighs ``1 / N`` per optimizer step when ``G = K``: the token mean of the
+  whole generation batch.
 
-TRL's multiplicative corrections of the policy term (vLLM importance-sampling ratio
-``vllm_importance_sampling_correction``, the off-policy sequence mask ``off_policy_mask_threshold``
-and the high-entropy token mask ``top_entropy_quantile``) are non-negative and carry no gradient, so
-they are folded into per-token advantages: ``-min(r A, clip(r) A) · w = -min(r (A w), clip(r) (A w))``
-for ``w >= 0`` (and ``cispo``'s ``-sg(min(r, ε)) A logp · w`` is linear in ``A``); the KL term is not
-multiplied, as in TRL. The clip metrics are computed from the original advantages.
+TRL's vLLM importance-sampling ratio (``use_vllm`` + ``vllm_importance_sampling_correction``) is the
+loss's ``vllm_is_ratio`` (it multiplies the policy term; ``vespo`` folds it into its weight). The
+off-policy sequence mask (``off_policy_mask_threshold``) and the high-entropy token mask
+(``top_entropy_quantile``) are non-negative and carry no gradient, so they are folded into per-token
+advantages: every policy term is ``f(r, A) · w = f(r, A w)`` for ``w >= 0`` (linear in ``A``, and sapo's
+and vespo's choice of parameters by the sign of ``A`` is that of ``A w`` wherever ``w > 0``); the KL
+term is not multiplied, as in TRL. The clip metrics are computed from the original advantages.
 
-With ``beta != 0`` and ``use_bias_correction_kl=True`` (TRL's default) the KL term is ``r · k3``,
-differentiated through the importance weight ``r``; the one-pass kernel has no such term, so that
-configuration takes two stages, still without logits: ``linear_logprobs`` (differentiable, chunked)
-then ``grpo_loss`` plus the corrected KL. Every other configuration runs ``fused_linear_grpo_loss``.
+The KL term (``beta != 0``) is TRL's k3, times the importance weight when ``use_bias_correction_kl``
+(TRL's default), in the same fused pass. The entropy bonus (``entropy_coef``, and Skywork-OR1's
+adaptive control with ``use_adaptive_entropy``) is TRL's: ``- c · (token mean of the entropy) / G``
+whatever the loss type, ``c`` gated and updated per optimizer step exactly as TRL does (same state,
+same checkpoint file); its gradient flows through the entropy the fused pass computes anyway. With
+``top_entropy_quantile < 1`` the bonus is a mean over the kept tokens only, a mask the policy term
+does not share, so that one combination takes two stages, still without logits:
+``linear_logprobs`` (differentiable, chunked) then ``grpo_loss`` plus the bonus.
 
-Fields and features the fused loss cannot honor raise ``ValueError`` at construction, naming the field:
-``loss_type`` in ``sapo | luspo | vespo``, the entropy bonus
-(``entropy_coef != 0`` or ``use_adaptive_entropy``), the MoE router auxiliary loss
-(``router_aux_loss_coef != 0`` on an MoE model), ``dr_grpo`` without ``max_completion_length``, models
+Fields and features the fused loss cannot honor raise ``ValueError`` at construction, naming the field
+and why: ``dr_grpo`` without ``max_completion_length`` (TRL itself fails there, at the first loss:
+``B * None``), the MoE router auxiliary loss (``router_aux_loss_coef != 0`` on an MoE model), models
 with ``final_logit_softcapping`` or a non-positive logit scale, and DeepSpeed ZeRO-3.
 
-Supported TRL: ``>= 1.10, < 1.17`` (``_compute_loss`` is unchanged from 1.10 to 1.16; the tests pass
-with 1.10.0, 1.11.0, 1.12.0, 1.13.0, 1.14.2, 1.15.0 and 1.16.0). Another version raises ``ImportError``
-at import; ``MGRPO_FAST_TRL_UNCHECKED=1`` skips the check.
+Supported TRL: ``>= 1.10, < 1.17`` (the tests passed with 1.10.0, 1.11.0, 1.12.0, 1.13.0, 1.14.2,
+1.15.0 and 1.16.0 for grpo/bnpo/dr_grpo/dapo/cispo; the sapo/luspo/vespo loss types and the entropy
+terms are checked against 1.16.0, the version CI installs, and read their ``GRPOConfig`` fields only
+where they exist). Another version raises ``ImportError`` at import; ``MGRPO_FAST_TRL_UNCHECKED=1``
+skips the check.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import os
@@ -67,14 +75,15 @@ import torch
 from mgrpo_fast.ops.dispatch import IMPLS
 from mgrpo_fast.ops.logprobs import linear_logprobs
 from mgrpo_fast.ops.loss import fused_linear_grpo_loss, grpo_loss
-from mgrpo_fast.ops.options import LOSS_TYPES, LossOptions
+from mgrpo_fast.ops.options import CLIP_LOSS_TYPES, LossOptions
 from mgrpo_fast.ops.validation import check_choice
 
 TRL_MIN_VERSION = (1, 10)
 TRL_MAX_VERSION = (1, 16)  # inclusive: every 1.16.x release
 SUPPORTED_TRL = ">=1.10,<1.17"
 UNCHECKED_ENV = "MGRPO_FAST_TRL_UNCHECKED"
-SUPPORTED_LOSS_TYPES = LOSS_TYPES
+# The loss types TRL divides by its count of the generation batch's tokens (num_items_in_batch).
+GLOBAL_TOKEN_MEAN_LOSS_TYPES = ("dapo", "cispo", "vespo")
 # Inputs of vision-language batches that TRL's `_compute_loss` hands to the model as they are.
 _MULTIMODAL_KEYS = (
     "pixel_values",
@@ -149,7 +158,21 @@ def loss_options_of(args: GRPOConfig) -> LossOptions:
         args.beta,
         args.importance_sampling_level,
         args.max_completion_length,
+        args,
     )
+
+
+# GRPOConfig fields that are LossOptions fields of the same name and meaning, with their defaults
+# where an older TRL has no such field.
+_PASSED_THROUGH = {
+    "sapo_temperature_pos": 1.0,
+    "sapo_temperature_neg": 1.05,
+    "vespo_k_pos": 2.0,
+    "vespo_lambda_pos": 3.0,
+    "vespo_k_neg": 3.0,
+    "vespo_lambda_neg": 2.0,
+    "use_bias_correction_kl": False,
+}
 
 
 def trl_loss_options(
@@ -160,48 +183,42 @@ def trl_loss_options(
     beta: float,
     importance_sampling_level: str,
     max_completion_length: int | None,
+    args: GRPOConfig | None = None,
+    entropy_coef: float = 0.0,
 ) -> LossOptions:
-    """TRL's loss settings (the ``GRPOTrainer`` attributes of the same names, ``delta`` from its args)
-    as the ``LossOptions`` that computes TRL's loss: ``cispo`` has no dual clip (TRL ignores ``delta``
-    there), ``max_completion_length`` normalizes ``dr_grpo`` only (elsewhere it is a generation
-    length), and the KL estimator is TRL's ``k3``."""
+    """TRL's loss settings (the ``GRPOTrainer`` attributes of the same names, ``delta`` and the
+    sapo/vespo/KL-correction fields from its ``args``) as the ``LossOptions`` that computes TRL's
+    loss: only the clip loss types have a dual clip (TRL ignores ``delta`` elsewhere),
+    ``max_completion_length`` normalizes ``dr_grpo`` only (elsewhere it is a generation length), the
+    KL estimator is TRL's ``k3`` and ``entropy_coef`` is the bonus's coefficient in the fused loss's
+    own scale (``FusedGRPOTrainer`` converts TRL's)."""
+    passed = {name: getattr(args, name, default) for name, default in _PASSED_THROUGH.items()}
     return LossOptions(
         loss_type=loss_type,
         epsilon_low=epsilon_low,
         epsilon_high=epsilon_high,
-        delta=None if loss_type == "cispo" else delta,
+        delta=delta if loss_type in CLIP_LOSS_TYPES else None,
         beta=beta,
         kl_estimator="k3",
         importance_sampling_level=importance_sampling_level,
         max_completion_length=max_completion_length if loss_type == "dr_grpo" else None,
+        entropy_coef=entropy_coef,
+        **passed,
     )
 
 
 def unsupported_config_fields(args: GRPOConfig) -> list[str]:
     """One message per ``GRPOConfig`` field (value) the fused loss cannot honor; empty when all can."""
     problems = []
-    loss_type = args.loss_type
-    if loss_type not in SUPPORTED_LOSS_TYPES:
+    if args.loss_type == "dr_grpo" and args.max_completion_length is None:
         problems.append(
-            f"loss_type={loss_type!r}: the fused loss implements {SUPPORTED_LOSS_TYPES}; use trl.GRPOTrainer "
-            "for the others"
+            "max_completion_length=None: loss_type='dr_grpo' normalizes by B * max_completion_length "
+            "(trl.GRPOTrainer fails there too, at the first loss)"
         )
-    if getattr(args, "entropy_coef", 0.0) != 0.0 or getattr(args, "use_adaptive_entropy", False):
-        problems.append(
-            f"entropy_coef={getattr(args, 'entropy_coef', 0.0)!r} / use_adaptive_entropy="
-            f"{getattr(args, 'use_adaptive_entropy', False)!r}: the entropy bonus needs the gradient of the "
-            "entropy, which the fused loss does not compute; set entropy_coef=0.0 and "
-            "use_adaptive_entropy=False"
-        )
-    if loss_type == "dr_grpo" and args.max_completion_length is None:
-        problems.append(
-            "max_completion_length=None: loss_type='dr_grpo' normalizes by B * max_completion_length"
-        )
-    if loss_type in SUPPORTED_LOSS_TYPES:
-        try:
-            loss_options_of(args)
-        except ValueError as exc:  # names the option (epsilon_low = GRPOConfig.epsilon)
-            problems.append(str(exc).replace("epsilon_low:", "epsilon (epsilon_low):", 1))
+    try:
+        loss_options_of(args)
+    except ValueError as exc:  # names the option (epsilon_low = GRPOConfig.epsilon)
+        problems.append(str(exc).replace("epsilon_low:", "epsilon (epsilon_low):", 1))
     return problems
 
 
@@ -296,19 +313,23 @@ class FusedGRPOTrainer(GRPOTrainer):
         fused_chunk_size: rows per logits block of the torch path (None: about 64 M logits).
 
     ``GRPOConfig`` fields used by the loss, with TRL's meaning: ``loss_type`` (grpo, bnpo, dr_grpo,
-    dapo, cispo), ``epsilon``, ``epsilon_high``, ``delta``, ``beta`` (k3 KL to the reference, whose
-    log-probs TRL computes), ``temperature``, ``importance_sampling_level``, ``max_completion_length``
+    dapo, cispo, sapo, luspo, vespo), ``epsilon``, ``epsilon_high``, ``delta``, ``beta`` (k3 KL to the
+    reference, whose log-probs TRL computes), ``use_bias_correction_kl``, ``sapo_temperature_*``,
+    ``vespo_*``, ``temperature``, ``importance_sampling_level``, ``max_completion_length``
     (``dr_grpo``'s normalizer), ``num_iterations`` / ``steps_per_generation`` (TRL provides the old
     log-probs when they differ from the current ones; the ratio is exactly 1 otherwise),
+    ``entropy_coef``, ``use_adaptive_entropy`` and ``entropy_coef_min/max/delta``, ``entropy_target``,
     ``cast_lm_head_to_fp32``, ``top_entropy_quantile``, ``off_policy_mask_threshold``,
     ``use_vllm`` + ``vllm_importance_sampling_correction``. ``scale_rewards`` acts on the advantages,
     which TRL computes before the loss, unchanged.
 
     Logged metrics, with TRL's names and formulas: ``kl`` (when ``beta != 0``), ``entropy``,
     ``clip_ratio/low_mean``, ``clip_ratio/low_min``, ``clip_ratio/high_mean``, ``clip_ratio/high_max``,
-    ``clip_ratio/region_mean`` (``cispo``: ``cispo_clip_ratio``). When old log-probs exist (or a
-    mask needs the current log-probs / entropies), one extra forward-only pass of the fused head over
-    the loss tokens provides the per-token values (``2·N·H·V`` flops, a third of the loss's).
+    ``clip_ratio/region_mean`` (clip loss types), ``cispo_clip_ratio`` (cispo),
+    ``vespo/phi_seq_mean`` (vespo), ``policy_loss`` and ``entropy_coef`` (with the entropy bonus).
+    When old log-probs exist for the clip metrics (or a mask needs the current log-probs /
+    entropies), one extra forward-only pass of the fused head over the loss tokens provides the
+    per-token values (``2·N·H·V`` flops, a third of the loss's).
     """
 
     def __init__(
@@ -368,32 +389,78 @@ class FusedGRPOTrainer(GRPOTrainer):
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         extra = {key: inputs[key] for key in _MULTIMODAL_KEYS if inputs.get(key) is not None}
 
-        loss_fn = functools.partial(self._fused_policy_loss, inputs=inputs, mask=mask)
-        with self.accelerator.autocast():
-            loss, logp, metrics = model(
-                input_ids=input_ids, attention_mask=attention_mask, **extra, mgrpo_fast_loss=loss_fn
-            )
-        mask = mask.to(loss.device)
-        count = mask.sum().float()
-
-        # Normalizers: see the module docstring. The fused loss is normalized within this call.
+        # Normalizers: see the module docstring. The fused loss is normalized within this call and
+        # multiplied by `scale` here; the entropy bonus's coefficient is converted so that, after that
+        # scale, it is TRL's `coef / G` on the entropy's token mean.
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if self.loss_type in ("grpo", "bnpo", "dr_grpo"):
-            loss = loss / accumulation
-        else:  # dapo, cispo: TRL divides the masked sum by the tokens of one accumulation window
+        count = mask.sum().float()
+        if self.loss_type in GLOBAL_TOKEN_MEAN_LOSS_TYPES:
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normalizer = (
                     normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
                 )
-            loss = loss * count.clamp(min=1.0) / normalizer.to(loss.device)
+            scale = count.clamp(min=1.0) / normalizer.to(count.device)
+        else:
+            scale = torch.tensor(1.0 / accumulation, device=count.device)
+        bonus = getattr(self, "_entropy_bonus_enabled", False)
+        coef = self._entropy_coef_to_apply() if bonus else 0.0
+        fused_coef = coef / (accumulation * float(scale))
 
-        self._log_fused_metrics(mode, inputs, mask, count, logp, metrics)
+        loss_fn = functools.partial(
+            self._fused_policy_loss, inputs=inputs, mask=mask, entropy_coef=fused_coef, bonus=bonus
+        )
+        with self.accelerator.autocast():
+            loss, logp, entropy, metrics = model(
+                input_ids=input_ids, attention_mask=attention_mask, **extra, mgrpo_fast_loss=loss_fn
+            )
+        loss = loss * scale.to(loss.device)
+        if bonus:
+            # TRL's policy_loss: the policy term before the bonus (and, for the per-sequence
+            # normalizers, before the accumulation factor): loss = scale · policy - coef / G · entropy.
+            policy = loss.detach() + coef / accumulation * metrics["bonus_entropy"].to(loss.device)
+            if self.loss_type not in GLOBAL_TOKEN_MEAN_LOSS_TYPES:
+                policy = policy / scale.to(loss.device)
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
+            self._update_entropy_control(mode, metrics)
+        self._log_fused_metrics(mode, inputs, mask.to(loss.device), count.to(loss.device), logp, metrics)
         return loss
 
-    def _fused_policy_loss(self, last_hidden, lm_head, *, inputs, mask):
-        """Runs inside the model's forward: ``(loss, logp or None, metrics)`` of this micro-batch."""
+    def _entropy_coef_to_apply(self) -> float:
+        """TRL's gate: the adaptive coefficient acts only once the last step's entropy is at or below
+        the target (the first window, with no measurement yet, applies none)."""
+        if getattr(self, "use_adaptive_entropy", False):
+            return self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+        return self.entropy_coef
+
+    @torch.no_grad()
+    def _update_entropy_control(self, mode, metrics) -> None:
+        """TRL's adaptive entropy control (Skywork-OR1): the window's token-mean entropy over all
+        processes (over the bonus's tokens) moves the coefficient by ``entropy_coef_delta`` at each
+        optimizer step, within ``[entropy_coef_min, entropy_coef_max]``; the same state attributes as
+        ``GRPOTrainer`` (so its checkpoint file carries them)."""
+        if getattr(self, "use_adaptive_entropy", False) and mode == "train":
+            tokens = metrics["bonus_tokens"].float()
+            stats = torch.stack([metrics["bonus_entropy"].float() * tokens.clamp(min=1.0), tokens])
+            window = self._entropy_window_stats
+            self._entropy_window_stats = stats if window is None else window + stats
+            if self.accelerator.sync_gradients:
+                totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+                step = self.args.entropy_coef_delta
+                if world_entropy <= self.args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + step, self.args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - step, self.args.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+
+    def _fused_policy_loss(self, last_hidden, lm_head, *, inputs, mask, entropy_coef, bonus):
+        """Runs inside the model's forward: ``(loss, logp or None, entropy or None, metrics)`` of this
+        micro-batch."""
         completion_ids = inputs["completion_ids"]
         width = completion_ids.size(1)
         weight, bias = _full_tensor(lm_head.weight), _full_tensor(lm_head.bias)
@@ -415,10 +482,10 @@ class FusedGRPOTrainer(GRPOTrainer):
             maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias),
         ):
             return self._fused_loss_on_head(
-                hidden, weight, bias, completion_ids.to(device), mask.to(device), inputs
+                hidden, weight, bias, completion_ids.to(device), mask.to(device), inputs, entropy_coef, bonus
             )
 
-    def _fused_loss_on_head(self, hidden, weight, bias, targets, mask, inputs):
+    def _fused_loss_on_head(self, hidden, weight, bias, targets, mask, inputs, entropy_coef, bonus):
         device = hidden.device
         temperature = self.temperature / self._mgrpo_logit_scale
         advantages = inputs["advantages"].to(device)
@@ -428,25 +495,26 @@ class FusedGRPOTrainer(GRPOTrainer):
         ref = inputs["ref_per_token_logps"].to(device) if self.beta != 0.0 else None
         opsm = self.off_policy_mask_threshold is not None
         has_sampling = "sampling_per_token_logps" in inputs
-        # TRL's default with beta != 0: the KL term is multiplied by the (differentiable) ratio. The
-        # one-pass kernel has no such term, so the log-probs are taken first (still without logits).
-        two_stage = self.beta != 0.0 and getattr(self.args, "use_bias_correction_kl", False)
-        need_logp = old is not None or (opsm and has_sampling)
         need_entropy = self.top_entropy_quantile < 1.0
+        # With the entropy mask the bonus averages over the kept tokens only: its own mask, so the
+        # log-probs and entropies are taken first (differentiable, still without logits).
+        two_stage = bonus and need_entropy
+        clip_metrics = self.loss_type in CLIP_LOSS_TYPES or self.loss_type == "cispo"
+        need_logp = (old is not None and clip_metrics) or (opsm and has_sampling)
         head = dict(
             bias=bias, temperature=temperature, chunk_size=self._fused_chunk_size, impl=self._fused_impl
         )
 
-        logp = entropy = logp_grad = None
+        logp = entropy = logp_grad = entropy_grad = None
         if two_stage or need_logp or need_entropy:
             rows = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
             scatter = lambda x: x.new_zeros(mask.numel()).index_copy(0, rows, x).view(mask.shape)  # noqa: E731
-            if two_stage:  # differentiable log-probs: they carry the loss
+            if two_stage:  # differentiable log-probs and entropies: they carry the loss
                 lp_rows, ent_rows = linear_logprobs(
                     hidden, weight, targets, return_entropy=True, row_index=rows, **head
                 )
-                logp_grad = scatter(lp_rows)
-                logp, entropy = logp_grad.detach(), scatter(ent_rows.detach())
+                logp_grad, entropy_grad = scatter(lp_rows), scatter(ent_rows)
+                logp, entropy = logp_grad.detach(), entropy_grad.detach()
             else:  # per-token values of the current policy for masks and metrics, no gradient
                 with torch.no_grad():
                     detached = dict(head, bias=None if bias is None else bias.detach())
@@ -482,11 +550,16 @@ class FusedGRPOTrainer(GRPOTrainer):
                     off_policy_threshold=self.off_policy_mask_threshold,
                 )
             )
+        entropy_mask = None
         if need_entropy:
-            fold(self.get_high_entropy_mask(entropy, mask, 1 - self.top_entropy_quantile))
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            fold(inputs["importance_sampling_ratio"])
+            entropy_mask = self.get_high_entropy_mask(entropy, mask, 1 - self.top_entropy_quantile)
+            fold(entropy_mask)
         loss_advantages = advantages if factor is None else (adv2d * factor).expand(mask.shape)
+        # TRL: vespo reads the ratio whenever the batch has one; the others apply it when configured.
+        is_ratio = None
+        if self.loss_type == "vespo" or (self.use_vllm and self.vllm_importance_sampling_correction):
+            is_ratio = inputs.get("importance_sampling_ratio")
+            is_ratio = None if is_ratio is None else is_ratio.to(device)
 
         # TRL's loss reads these attributes at every call (a callback may change them between steps).
         options = trl_loss_options(
@@ -497,6 +570,8 @@ class FusedGRPOTrainer(GRPOTrainer):
             self.beta,
             self.importance_sampling_level,
             self.max_completion_length,
+            self.args,
+            entropy_coef=0.0 if two_stage else entropy_coef,
         )
         if not two_stage:
             loss, metrics = fused_linear_grpo_loss(
@@ -507,49 +582,29 @@ class FusedGRPOTrainer(GRPOTrainer):
                 mask,
                 old_logp=old,
                 ref_logp=ref,
+                vllm_is_ratio=is_ratio,
                 options=options,
                 **head,
             )
-            return loss, logp, metrics
+            # the bonus's tokens: the loss mask (TRL's effective mask without the entropy mask)
+            metrics["bonus_entropy"], metrics["bonus_tokens"] = metrics["entropy"], mask.sum()
+            return loss, logp, entropy, metrics
 
-        # The policy term here, the bias-corrected KL below.
-        policy_options = dataclasses.replace(options, beta=0.0)
         loss, metrics = grpo_loss(
             logp_grad,
             old,
-            None,
+            ref,
             loss_advantages,
             mask,
             entropy=entropy,
+            vllm_is_ratio=is_ratio,
             impl=self._fused_impl,
-            options=policy_options,
+            options=options,
         )
-        kl = self._bias_corrected_kl(logp_grad, old, ref, mask)
-        loss = loss + self.beta * self._reduce(kl, mask)
-        m = mask.to(kl.dtype)
-        metrics["kl"] = (kl.detach() * m).sum() / m.sum().clamp(min=1.0)
-        return loss, logp, metrics
-
-    def _bias_corrected_kl(self, logp, old, ref, mask):
-        """TRL's ``use_bias_correction_kl``: ``r · k3(ref - logp)``, ``r`` the (differentiable)
-        importance weight of ``importance_sampling_level`` (exactly 1 in value without old log-probs)."""
-        m = mask.to(logp.dtype)
-        old = logp.detach() if old is None else old
-        log_ratio = torch.where(mask != 0, logp - old, 0.0)
-        if self.importance_sampling_level == "sequence":
-            log_ratio = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        x = torch.where(mask != 0, ref - logp, 0.0)
-        return torch.exp(log_ratio) * (torch.exp(x) - x - 1.0)
-
-    def _reduce(self, per_token, mask):
-        """The loss type's reduction of a ``(B, T)`` per-token term over this micro-batch (TRL's)."""
-        m = mask.to(per_token.dtype)
-        masked = torch.where(mask != 0, per_token, 0.0)
-        if self.loss_type == "grpo":
-            return (masked.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-        if self.loss_type == "dr_grpo":
-            return masked.sum() / (per_token.size(0) * self.max_completion_length)
-        return masked.sum() / m.sum().clamp(min=1.0)
+        kept = (mask * entropy_mask).to(entropy_grad.dtype)
+        bonus_entropy = (entropy_grad * kept).sum() / kept.sum().clamp(min=1.0)
+        metrics["bonus_entropy"], metrics["bonus_tokens"] = bonus_entropy.detach(), kept.sum()
+        return loss - entropy_coef * bonus_entropy, logp, entropy, metrics
 
     # ------------------------------------------------------------------------------------------
     # metrics (TRL's names and formulas)
@@ -583,6 +638,17 @@ class FusedGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["entropy"].append(
             global_mean(metrics["entropy"].to(device) * count.clamp(min=1.0), count)
         )
+        if self.loss_type == "vespo":  # phi: one value per sequence (per token with (B, T) advantages)
+            phi_mean = metrics["vespo/phi_seq_mean"].to(device)
+            if advantages.shape[1] == 1:
+                sequences = torch.tensor(float(advantages.shape[0]), device=device)
+                self._metrics[mode]["vespo/phi_seq_mean"].append(global_mean(phi_mean * sequences, sequences))
+            else:
+                self._metrics[mode]["vespo/phi_seq_mean"].append(
+                    global_mean(phi_mean * count.clamp(min=1.0), count)
+                )
+        if self.loss_type not in CLIP_LOSS_TYPES and self.loss_type != "cispo":
+            return  # sapo and vespo log no clip metrics
 
         # The importance ratio as TRL forms it: exactly 1 without old log-probs.
         m = mask.to(torch.float32)

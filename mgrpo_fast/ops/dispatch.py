@@ -43,12 +43,19 @@ def triton_op_status(module: str) -> str | None:
     return None
 
 
-def triton_gap(op: str, dtypes: Sequence[torch.dtype], importance_sampling_level: str) -> str | None:
+def triton_gap(
+    op: str, dtypes: Sequence[torch.dtype], importance_sampling_level: str, loss_type: str = "dapo"
+) -> str | None:
     """``None`` when the Triton path of ``op`` serves this case, else what it does not serve."""
     if op in ("grpo_loss", "fused_linear_grpo_loss") and importance_sampling_level != "token":
         return (
             f"importance_sampling_level={importance_sampling_level!r} (the loss kernel is per token; "
             "the sequence ratio couples the rows of a sequence)"
+        )
+    if op == "fused_linear_grpo_loss" and loss_type == "vespo":
+        return (
+            "loss_type='vespo' in one pass (its weight needs the log-ratios of the whole sequence before "
+            "any row's gradient)"
         )
     if op != "group_advantages" and (len(set(dtypes)) > 1 or not set(dtypes) <= set(TRITON_DTYPES)):
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
@@ -63,6 +70,7 @@ def choose_impl(
     *,
     dtypes: Sequence[torch.dtype] = (),
     importance_sampling_level: str = "token",
+    loss_type: str = "dapo",
 ) -> str:
     """``"torch"`` or ``"triton"``: the path that serves this call of ``op``.
 
@@ -72,14 +80,15 @@ def choose_impl(
         device: where the call's tensors live.
         dtypes: the operand dtypes the kernel would read (``hidden`` and ``weight`` for the log-prob
             ops, ``logp`` for ``grpo_loss``; none for ``group_advantages``).
-        importance_sampling_level: of the loss options (the loss ops).
+        importance_sampling_level, loss_type: of the loss options (the loss ops).
 
     Rules, in order:
 
     1. ``impl`` not one of ``IMPLS``: ``ValueError`` naming ``impl``. ``"torch"``: torch, always.
     2. What Triton serves (``triton_gap``): the loss kernels are per token, so sequence-level
        importance sampling (GSPO) is not served by ``grpo_loss`` or the one-pass
-       ``fused_linear_grpo_loss``; the GEMM and loss kernels take one operand dtype among
+       ``fused_linear_grpo_loss``, nor ``vespo`` by the one-pass fused op (its per-sequence weight
+       needs every row's log-prob first); the GEMM and loss kernels take one operand dtype among
        fp32/fp16/bf16 (fp64 and mixed dtypes stay on torch); ``group_advantages`` serves every
        float dtype.
     3. ``"auto"``: Triton when every kernel module of the op imports (``triton_op_status``), the
@@ -87,14 +96,15 @@ def choose_impl(
     4. ``"triton"``: the kernel modules must import and the tensors be on CUDA (or
        ``TRITON_INTERPRET=1``, the interpreter that runs the kernels on CPU tensors for tests), else
        ``RuntimeError`` naming ``impl``. An unserved case is a ``ValueError`` naming ``impl``, except
-       GSPO in ``fused_linear_grpo_loss``, which takes its two-stage path instead (``"torch"`` for the
-       fused op: ``linear_logprobs`` under the same ``impl``, so Triton log-probs, then the torch loss).
+       GSPO and vespo in ``fused_linear_grpo_loss``, which take its two-stage path instead (``"torch"``
+       for the fused op: ``linear_logprobs`` under the same ``impl``, so Triton log-probs, then the
+       torch loss).
     """
     check_choice("impl", impl, IMPLS)
     if impl == "torch":
         return "torch"
     status = next(filter(None, map(triton_op_status, KERNEL_MODULES[op])), None)
-    gap = triton_gap(op, dtypes, importance_sampling_level)
+    gap = triton_gap(op, dtypes, importance_sampling_level, loss_type)
     if impl == "auto":
         return "triton" if status is None and device.type == "cuda" and gap is None else "torch"
     if status is not None:
@@ -106,6 +116,6 @@ def choose_impl(
         )
     if gap is None:
         return "triton"
-    if op == "fused_linear_grpo_loss" and importance_sampling_level != "token":
+    if op == "fused_linear_grpo_loss" and (importance_sampling_level != "token" or loss_type == "vespo"):
         return "torch"
     raise ValueError(f"impl: 'triton' for {op} does not serve {gap}; use impl='auto' or impl='torch'")

@@ -17,8 +17,12 @@ normalizer known before the pass). So one pass per chunk of rows does everything
 Gradients are computed during the forward and scaled by the incoming gradient in the backward (the
 loss is a scalar). Extra memory: the stash (``chunk·V·4`` bytes), one dlogits chunk in the GEMM
 dtype, the fp32 ``(V, H)`` weight-gradient accumulator and ``grad_hidden`` — never ``N x V``.
-Sequence-level importance sampling (GSPO) couples the rows of a sequence, so it takes the
-two-pass path instead (Triton log-probs + torch autograd for the loss, 8·N·H·V).
+The entropy bonus (``entropy_coef``) is linear in each row's entropy, so its gradient
+``dL/dentropy_i = -entropy_coef · weight_i`` is known before the pass too and goes into the same
+``dlogits`` (``dentropy/dz_k = -p_k (z_k - E_p[z])``): no extra logits pass.
+Sequence-level importance sampling (GSPO) and ``vespo`` couple the rows of a sequence (the ratio, the
+weight ``φ``), so they take the two-pass path instead (Triton log-probs + torch autograd for the
+loss, 8·N·H·V).
 """
 
 from __future__ import annotations
@@ -26,11 +30,28 @@ from __future__ import annotations
 import torch
 
 from mgrpo_fast.ops.logprobs import select_rows
-from mgrpo_fast.ops.objective import FlatBatch, loss_metrics, token_weights
+from mgrpo_fast.ops.objective import (
+    FlatBatch,
+    entropy_bonus,
+    entropy_weights,
+    loss_metrics,
+    token_weights,
+    vespo_weights,
+)
 from mgrpo_fast.ops.options import LossOptions
 
 # The LossOptions fields the per-token kernel reads (see token_kernel_args).
-TOKEN_KERNEL_FIELDS = ("loss_type", "epsilon_low", "epsilon_high", "delta", "beta", "kl_estimator")
+TOKEN_KERNEL_FIELDS = (
+    "loss_type",
+    "epsilon_low",
+    "epsilon_high",
+    "delta",
+    "beta",
+    "kl_estimator",
+    "sapo_temperature_pos",
+    "sapo_temperature_neg",
+    "use_bias_correction_kl",
+)
 # One fp32 z-stash of at most this many bytes (the chunk of rows is sized from it).
 STASH_BYTES = 1 << 30
 
@@ -39,10 +60,11 @@ def token_kernel_args(options: LossOptions) -> dict[str, object]:
     """The keyword arguments of the per-token kernel's launchers (``grpo_token_terms``,
     ``triton_token_grpo_loss`` in ``mgrpo_fast.kernels.grpo_loss``) for ``options``.
 
-    The kernel layer sits below ``ops`` and takes plain scalars; this is where they come from. Two
-    fields never reach it: ``importance_sampling_level`` (the kernel is per token; ``choose_impl``
-    keeps sequence level off it) and ``max_completion_length`` (it enters the row weights,
-    ``token_weights``, which the caller computes).
+    The kernel layer sits below ``ops`` and takes plain scalars; this is where they come from. The
+    other fields never reach it: ``importance_sampling_level`` (the kernel is per token; ``choose_impl``
+    keeps sequence level off it), ``max_completion_length`` (it enters the row weights,
+    ``token_weights``, which the caller computes), the ``vespo_*`` parameters (the caller computes
+    ``φ`` and passes it as the policy weight) and ``entropy_coef`` (the bonus is the caller's).
     """
     return {name: getattr(options, name) for name in TOKEN_KERNEL_FIELDS}
 
@@ -55,11 +77,14 @@ def stash_rows(vocab: int, block_m: int) -> int:
 
 class TritonFusedLinearGRPOLoss(torch.autograd.Function):
     """``(hidden (M, H), weight (V, H), bias (V,) | None, targets (M,), old (M,) | None,
-    ref (M,) | None, advantages (M,), mask (M,), token_weight (M,), options, temperature,
-    chunk_rows)`` -> ``(loss, logp, entropy, ratio, clip_low, clip_high, kl)``.
+    ref (M,) | None, advantages (M,), mask (M,), token_weight (M,), policy_weight (M,) | None,
+    entropy_weight (M,) | None, options, temperature, chunk_rows)`` ->
+    ``(loss, logp, entropy, ratio, clip_low, clip_high, kl)``.
 
-    Only ``loss`` is differentiable (w.r.t. hidden, weight, bias); the per-row tensors are detached
-    and feed the metrics. Rows are the loss rows only (the caller selects them).
+    ``loss = Σ token_weight · mask · ℓ - Σ entropy_weight · entropy``: ``entropy_weight`` is the
+    bonus's ``entropy_coef · weight · mask`` per row (None: no bonus). Only ``loss`` is
+    differentiable (w.r.t. hidden, weight, bias); the per-row tensors are detached and feed the
+    metrics. Rows are the loss rows only (the caller selects them).
     """
 
     @staticmethod
@@ -74,6 +99,8 @@ class TritonFusedLinearGRPOLoss(torch.autograd.Function):
         advantages,
         mask,
         token_weight,
+        policy_weight,
+        entropy_weight,
         options,
         temperature,
         chunk_rows,
@@ -97,6 +124,7 @@ class TritonFusedLinearGRPOLoss(torch.autograd.Function):
         pieces: dict[str, list[torch.Tensor]] = {
             k: [] for k in ("loss", "logp", "entropy", "ratio", "low", "high", "kl")
         }
+        pick = lambda t, sl: None if t is None else t[sl]  # noqa: E731
         for start in range(0, rows, chunk_rows):
             sl = slice(start, min(start + chunk_rows, rows))
             h_c, t_c = hidden[sl], targets[sl]
@@ -104,22 +132,27 @@ class TritonFusedLinearGRPOLoss(torch.autograd.Function):
             logp, entropy, lse = linear_logprobs_forward(h_c, weight, t_c, bias, temperature, stash=z)
             terms = grpo_token_terms(
                 logp,
-                None if old is None else old[sl],
-                None if ref is None else ref[sl],
+                pick(old, sl),
+                pick(ref, sl),
                 advantages[sl],
                 mask[sl],
                 token_weight[sl],
+                pick(policy_weight, sl),
                 compute_grad=need_grad,
                 **kernel_args,
             )
+            loss_terms = terms["loss_terms"]
+            if entropy_weight is not None:  # the bonus: linear in the entropy, its gradient known now
+                loss_terms = loss_terms - entropy_weight[sl] * entropy
             if need_grad:
-                d = dlogits(h_c, weight, bias, t_c, lse, entropy, terms["dlogp"], None, temperature, stash=z)
+                g_ent = None if entropy_weight is None else -entropy_weight[sl]
+                d = dlogits(h_c, weight, bias, t_c, lse, entropy, terms["dlogp"], g_ent, temperature, stash=z)
                 grad_w = apply_dlogits(
                     d, h_c, weight, None if grad_h is None else grad_h[sl], grad_w, grad_b, need_weight=need_w
                 )
                 del d
             for key, value in (
-                ("loss", terms["loss_terms"]),
+                ("loss", loss_terms),
                 ("logp", logp),
                 ("entropy", entropy),
                 ("ratio", terms["ratio"]),
@@ -155,7 +188,7 @@ class TritonFusedLinearGRPOLoss(torch.autograd.Function):
         def scale(g: torch.Tensor | None) -> torch.Tensor | None:
             return None if g is None else g * grad_loss.to(g.dtype)
 
-        return (scale(grad_h), scale(grad_w), scale(grad_b)) + (None,) * 9
+        return (scale(grad_h), scale(grad_w), scale(grad_b)) + (None,) * 11
 
 
 def triton_fused_linear_grpo_loss(
@@ -171,6 +204,8 @@ def triton_fused_linear_grpo_loss(
     options: LossOptions,
     temperature: float,
     chunk_rows: int | None = None,
+    policy_weight: torch.Tensor | None = None,
+    entropy_weight: torch.Tensor | None = None,
 ):
     """Functional form on the loss rows: ``(loss, logp, entropy, ratio, clip_low, clip_high, kl)``.
 
@@ -179,8 +214,11 @@ def triton_fused_linear_grpo_loss(
     """
     from mgrpo_fast.kernels.linear_logprobs import block_rows
 
-    if options.importance_sampling_level != "token":
-        raise ValueError("importance_sampling_level: the one-pass fused kernel path needs 'token'")
+    if options.importance_sampling_level != "token" or options.loss_type == "vespo":
+        raise ValueError(
+            "importance_sampling_level, loss_type: the one-pass fused kernel path needs token-level "
+            "importance sampling and a per-row weight known before the pass (not vespo)"
+        )
     f32 = lambda t: None if t is None else t.detach().to(torch.float32).contiguous()  # noqa: E731
     chunk = chunk_rows or stash_rows(weight.shape[0], block_rows(hidden.dtype))
     return TritonFusedLinearGRPOLoss.apply(
@@ -193,6 +231,8 @@ def triton_fused_linear_grpo_loss(
         f32(advantages),
         f32(mask),
         f32(token_weight),
+        f32(policy_weight),
+        f32(entropy_weight),
         options,
         float(temperature),
         int(chunk),
@@ -202,10 +242,19 @@ def triton_fused_linear_grpo_loss(
 def token_loss_triton(
     logp: torch.Tensor, batch: FlatBatch, options: LossOptions, entropy: torch.Tensor | None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``grpo_loss`` on the per-token kernel: ``logp (N,)`` (differentiable), ``entropy (N,)`` or None."""
+    """``grpo_loss`` on the per-token kernel: ``logp (N,)`` (differentiable), ``entropy (N,)`` or None
+    (differentiable when ``options.entropy_coef != 0``: the bonus is added here with torch autograd).
+    VESPO's weight ``φ`` (a per-sequence reduction of the given log-probs) is computed here and passed
+    as the kernel's policy weight."""
     from mgrpo_fast.kernels.grpo_loss import triton_token_grpo_loss
 
     f32 = lambda t: None if t is None else t.to(torch.float32)  # noqa: E731
+    phi = None
+    policy_weight = batch.row_is_ratio()
+    if options.loss_type == "vespo":
+        old = torch.zeros_like(logp) if batch.old_logp is None else batch.old_logp
+        log_ratio = torch.where(batch.mask != 0, logp.detach() - old, 0.0).to(torch.float32)
+        phi, policy_weight = vespo_weights(batch, log_ratio, options)
     loss, _, ratio, low, high, kl = triton_token_grpo_loss(
         f32(logp),
         f32(batch.old_logp),
@@ -213,9 +262,14 @@ def token_loss_triton(
         f32(batch.row_advantages()),
         batch.mask,
         token_weights(batch, options, torch.float32),
+        f32(policy_weight),
         **token_kernel_args(options),
     )
-    return loss, loss_metrics(batch.mask, ratio, low, high, kl, entropy)
+    loss = loss + entropy_bonus(entropy, batch, options)
+    metrics = loss_metrics(
+        batch.mask, ratio, low, high, kl, entropy, phi=phi, phi_per_seq=batch.advantages_per_seq
+    )
+    return loss, metrics
 
 
 def fused_loss_triton(
@@ -233,6 +287,11 @@ def fused_loss_triton(
     hidden_rows, target_rows, _ = select_rows(hidden, weight, targets, bias, temperature, rows)
     pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
     mask_rows = pick(batch.mask)
+    entropy_weight = None
+    if options.entropy_coef != 0.0:
+        entropy_weight = options.entropy_coef * pick(
+            batch.mask.to(torch.float32) * entropy_weights(batch, torch.float32)
+        )
     loss, _, entropy, ratio, low, high, kl = triton_fused_linear_grpo_loss(
         hidden_rows,
         weight,
@@ -246,5 +305,7 @@ def fused_loss_triton(
         options,
         temperature,
         chunk_size,
+        policy_weight=pick(batch.row_is_ratio()),
+        entropy_weight=entropy_weight,
     )
     return loss, loss_metrics(mask_rows, ratio, low, high, kl, entropy)

@@ -9,7 +9,7 @@ Both accept two layouts:
 
 and the loss options either as one ``options=LossOptions(...)`` or as its fields, keywords of the
 call (``loss_type="grpo", beta=0.04``); both at once is fine where they agree. The formulas of every
-loss type are in ``reference.grpo_loss_ref`` (the executable spec) and the README. Each call
+loss type are in ``reference.grpo_loss_ref`` (the executable spec) and ``docs/algorithm.md``. Each call
 validates the batch into flat rows (``objective.flatten_batch``), asks ``dispatch.choose_impl`` which
 path serves it, and runs the torch objective (``objective``) or the Triton glue (``fused_triton``).
 """
@@ -42,6 +42,7 @@ def grpo_loss(
     cu_seqlens: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     token_weight: torch.Tensor | None = None,
+    vllm_is_ratio: torch.Tensor | None = None,
     impl: str = "auto",
     options: LossOptions | None = None,
     **option_fields: Unpack[LossOptionFields],
@@ -55,27 +56,37 @@ def grpo_loss(
         advantages: ``(B,)``/``(S,)`` per sequence or like ``logp`` per token. Must be finite.
         mask: like ``logp``; 1 where the token carries the loss. ``None`` = all tokens.
         cu_seqlens: ``(S+1,)`` int sequence boundaries: selects the packed layout.
-        entropy: optional, like ``logp``; reported as the ``entropy`` metric.
+        entropy: optional, like ``logp``: the ``entropy`` metric; required (and differentiated)
+            when ``entropy_coef != 0``: the bonus ``-entropy_coef · Σ m H / max(1, M)``.
         token_weight: optional, like ``logp``, >= 0: the reduction weights, ``loss = Σ weight · mask · ℓ``,
             replacing the loss type's normalization (for a batch split into micro-batches: pass the
-            weights of the whole batch, and the micro-batch losses sum to its loss).
+            weights of the whole batch, and the micro-batch losses sum to its loss); the entropy
+            bonus then takes the same weights.
+        vllm_is_ratio: optional sampler correction ``v >= 0`` (truncated importance sampling: the
+            trainer's over the sampler's probability of each token, clipped by the caller; TRL's
+            ``importance_sampling_ratio``, Liger's ``vllm_is_ratio``), like ``logp`` per token or
+            ``(B,)``/``(B, 1)``/``(S,)`` per sequence, no gradient. It multiplies the policy term of
+            every loss type (not the KL); for ``vespo`` it enters the weight ``φ`` instead.
         impl: ``"auto" | "torch" | "triton"``; Triton (one elementwise kernel) serves token-level
             importance sampling with fp32/bf16/fp16 log-probs, GSPO and fp64 stay on torch autograd
             (``dispatch.choose_impl``).
         options: the loss options as one ``LossOptions``; None = its defaults.
         loss_type, epsilon_low, epsilon_high, delta, beta, kl_estimator, importance_sampling_level,
-        max_completion_length: the fields of ``LossOptions`` (same defaults and checks), as
-            keywords; with ``options`` each must equal the options' value (``ValueError`` otherwise).
+        max_completion_length, sapo_temperature_pos, sapo_temperature_neg, vespo_k_pos,
+        vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, use_bias_correction_kl, entropy_coef: the
+            fields of ``LossOptions`` (same defaults and checks), as keywords; with ``options`` each
+            must equal the options' value (``ValueError`` otherwise).
 
     Returns:
         ``(loss, metrics)``: a 0-dim loss (fp32, or fp64 for fp64 inputs) and a dict of detached
         0-dim tensors: ``ratio``, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
-        ``clip_ratio/region_mean``, ``kl`` (when ``ref_logp`` is given), ``entropy`` (when given).
+        ``clip_ratio/region_mean``, ``clip_ratio/region_token_mean``, ``kl`` (when ``ref_logp`` is
+        given), ``entropy`` (when given), ``vespo/phi_seq_mean`` (vespo).
     """
     options = options_from_call("grpo_loss", options, option_fields)
     check_float("logp", logp)
     tokens = {"logp": logp, "old_logp": old_logp, "ref_logp": ref_logp, "entropy": entropy}
-    batch = flatten_batch(tokens, options, advantages, mask, cu_seqlens, token_weight)
+    batch = flatten_batch(tokens, options, advantages, mask, cu_seqlens, token_weight, vllm_is_ratio)
     logp, entropy = logp.reshape(-1), None if entropy is None else entropy.reshape(-1)
     path = choose_impl(
         "grpo_loss",
@@ -83,6 +94,7 @@ def grpo_loss(
         logp.device,
         dtypes=(logp.dtype,),
         importance_sampling_level=options.importance_sampling_level,
+        loss_type=options.loss_type,
     )
     if path == "triton":
         return token_loss_triton(logp, batch, options, entropy)
@@ -102,6 +114,7 @@ def fused_linear_grpo_loss(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     token_weight: torch.Tensor | None = None,
+    vllm_is_ratio: torch.Tensor | None = None,
     chunk_size: int | None = None,
     impl: str = "auto",
     options: LossOptions | None = None,
@@ -115,16 +128,18 @@ def fused_linear_grpo_loss(
         hidden: ``(B, T, H)`` padded or ``(N, H)`` packed final hidden states (differentiable).
         weight: ``(V, H)`` lm_head weight (differentiable); ``bias``: optional ``(V,)``.
         targets: ``(B, T)`` or ``(N,)`` int ids of the sampled tokens, in ``[0, V)`` where masked in.
-        advantages, mask, cu_seqlens, old_logp, ref_logp, token_weight: as in ``grpo_loss`` (token
-            tensors shaped like ``targets``).
+        advantages, mask, cu_seqlens, old_logp, ref_logp, token_weight, vllm_is_ratio: as in
+            ``grpo_loss`` (token tensors shaped like ``targets``).
         temperature: the sampling temperature; logits are divided by it.
-        chunk_size: rows per logits block of the torch path (rows per stash chunk of the one-pass
-            Triton path).
+        chunk_size: bound on the loss rows per chunk: rows per ``(chunk, V)`` fp32 logits block of
+            the torch path, rows per fp32 z-stash chunk of the one-pass Triton path
+            (``docs/kernels.md``); None = about 256 MiB (torch) / 1 GiB (Triton) per block.
         impl: ``"auto" | "torch" | "triton"``: the one-pass Triton path serves token-level
-            importance sampling on fp32/bf16/fp16 operands of one dtype; GSPO takes log-probs from
-            ``linear_logprobs`` (Triton on CUDA) and the loss from torch (``dispatch.choose_impl``).
-        options, loss_type, epsilon_low, epsilon_high, delta, beta, kl_estimator,
-        importance_sampling_level, max_completion_length: the loss options, as in ``grpo_loss``.
+            importance sampling on fp32/bf16/fp16 operands of one dtype; GSPO and vespo take log-probs
+            from ``linear_logprobs`` (Triton on CUDA) and the loss from torch (``dispatch.choose_impl``).
+        options and the ``LossOptions`` fields as keywords: the loss options, as in ``grpo_loss``.
+            The entropy bonus (``entropy_coef``) differentiates the entropy the log-prob pass
+            computes anyway: no extra logits pass.
 
     Returns:
         ``(loss, metrics)`` as ``grpo_loss``, with the ``entropy`` metric always present.
@@ -138,7 +153,7 @@ def fused_linear_grpo_loss(
             f"got {tuple(hidden.shape)}"
         )
     tokens = {"targets": targets, "old_logp": old_logp, "ref_logp": ref_logp}
-    batch = flatten_batch(tokens, options, advantages, mask, cu_seqlens, token_weight)
+    batch = flatten_batch(tokens, options, advantages, mask, cu_seqlens, token_weight, vllm_is_ratio)
     rows = torch.nonzero(batch.mask, as_tuple=True)[0]
     path = choose_impl(
         "fused_linear_grpo_loss",
@@ -146,6 +161,7 @@ def fused_linear_grpo_loss(
         hidden.device,
         dtypes=(hidden.dtype, weight.dtype),
         importance_sampling_level=options.importance_sampling_level,
+        loss_type=options.loss_type,
     )
     if path == "triton":
         return fused_loss_triton(hidden, weight, targets, bias, temperature, rows, batch, options, chunk_size)
@@ -167,5 +183,7 @@ def fused_linear_grpo_loss(
     )
     num_tokens = batch.layout.num_tokens
     logp = logp_rows.new_zeros(num_tokens).index_copy(0, rows, logp_rows)
-    entropy = entropy_rows.detach().new_zeros(num_tokens).index_copy(0, rows, entropy_rows.detach())
+    if options.entropy_coef == 0.0:  # the entropy is a metric only: no gradient through it
+        entropy_rows = entropy_rows.detach()
+    entropy = entropy_rows.new_zeros(num_tokens).index_copy(0, rows, entropy_rows)
     return grpo_objective(logp, batch, options, entropy)

@@ -7,7 +7,8 @@ number or an opaque indexing error from deep inside a kernel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -61,6 +62,24 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected finite values, found {bad} NaN/Inf entries")
 
 
+def value_ranges(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """``{name: (min, max)}`` of each non-empty tensor: one fused ``torch.aminmax`` reduction per tensor
+    (a NaN anywhere makes both NaN, an infinity shows in min or max) and one host synchronisation for
+    all of them together."""
+    names = [name for name, t in tensors.items() if t.numel()]
+    if not names:
+        return {}
+    pairs = [torch.aminmax(tensors[name].detach()) for name in names]
+    values = torch.stack([torch.stack(p).to(torch.float64) for p in pairs]).tolist()
+    return {name: (lo, hi) for name, (lo, hi) in zip(names, values)}
+
+
+def non_finite_error(name: str, t: torch.Tensor) -> ValueError:
+    """The error for a tensor found (by ``value_ranges``) to hold NaN/Inf; counts them (error path)."""
+    bad = int((~torch.isfinite(t)).sum())
+    return ValueError(f"{name}: expected finite values, found {bad} NaN/Inf entries")
+
+
 def check_index_range(name: str, t: torch.Tensor, upper: int, upper_name: str) -> None:
     """Every entry of ``t`` must lie in ``[0, upper)``."""
     if t.numel() == 0:
@@ -83,3 +102,9 @@ def check_positive(name: str, value: float | int) -> None:
 def check_non_negative(name: str, value: float | int) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
         raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+
+
+def check_finite_number(name: str, value: object, expected: str = "a finite number") -> None:
+    """A real number (not a bool), neither NaN nor infinite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")

@@ -10,9 +10,10 @@ computed from batch-wide counts (all-reduced over ranks by the caller), and a mi
 ``Σ_{tokens t of its sequences} w_s(t) · ℓ_t``. The micro-batch losses then *sum* to the batch loss and
 their gradients accumulate to the batch gradient, whatever the packing::
 
-    dapo / bnpo / cispo:  w_s = λ_s / M                 M = Σ_s M_s   (loss tokens of the batch)
-    grpo:                 w_s = λ_s / (S · M_s)         S = sequences of the batch
+    dapo / bnpo / cispo / vespo:  w_s = λ_s / M          M = Σ_s M_s   (loss tokens of the batch)
+    grpo / sapo:          w_s = λ_s / (S · M_s)         S = sequences of the batch
     dr_grpo:              w_s = λ_s / (S · L)           L = max_completion_length, else max_s M_s
+    luspo:                w_s = λ_s / S
 
 ``λ_s`` is the sequence's loss weight: 1 for layer 1, λ2 (``layer2.loss_weight``) for layer 2. With
 ``dapo`` the loss is therefore ``(Σ_{layer-1 tokens} ℓ + λ2 Σ_{layer-2 tokens} ℓ) / M``.
@@ -34,7 +35,7 @@ from mgrpo_fast.models.policy import lm_head_of, packed_hidden_states
 from mgrpo_fast.ops.layout import cu_seqlens_from_lengths
 from mgrpo_fast.ops.logprobs import linear_logprobs
 from mgrpo_fast.ops.loss import fused_linear_grpo_loss
-from mgrpo_fast.ops.options import LossOptions
+from mgrpo_fast.ops.options import LOSS_TYPES, LossOptions
 from mgrpo_fast.packing.microbatch import PackedMicroBatch, SequenceSpec, build_microbatch
 
 __all__ = [
@@ -62,7 +63,7 @@ def global_sequence_weights(
     Args:
         num_loss_tokens: ``(S,)`` loss tokens ``M_s`` of each (local) sequence.
         loss_weight: ``(S,)`` ``λ_s`` (1 for layer 1, λ2 for layer 2).
-        loss_type: ``grpo | bnpo | dr_grpo | dapo | cispo``.
+        loss_type: one of ``mgrpo_fast.ops.options.LOSS_TYPES``.
         max_completion_length: ``dr_grpo``'s ``L``; None = the longest sequence of the batch.
         total_tokens, total_sequences, max_tokens: the batch-wide ``M``, ``S`` and ``max_s M_s`` over
             all ranks; None = from the local tensors (one process).
@@ -79,16 +80,18 @@ def global_sequence_weights(
     total_tokens = float(m.sum()) if total_tokens is None else float(total_tokens)
     total_sequences = float(m.numel()) if total_sequences is None else float(total_sequences)
     seqs = max(total_sequences, 1.0)
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return lam / (seqs * m.clamp(min=1.0))
+    if loss_type == "luspo":
+        return lam / seqs
     if loss_type == "dr_grpo":
         if max_completion_length is None:
             local_max = float(m.max()) if m.numel() else 0.0
             max_completion_length = local_max if max_tokens is None else max_tokens
         return lam / (seqs * max(float(max_completion_length), 1.0))
-    if loss_type in ("dapo", "bnpo", "cispo"):
+    if loss_type in ("dapo", "bnpo", "cispo", "vespo"):
         return lam / max(total_tokens, 1.0)
-    raise ValueError(f"loss_type: expected one of grpo, bnpo, dr_grpo, dapo, cispo, got {loss_type!r}")
+    raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
 
 
 @dataclass(frozen=True)

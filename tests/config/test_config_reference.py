@@ -45,7 +45,8 @@ def test_reference_has_one_row_per_key_with_its_doc():
         (row,) = [r for r in rows if r.startswith(f"| `{key}` |")]
         assert row.endswith(f"| {field_doc(f).replace('|', chr(92) + '|')} |"), row
     assert "| `optim.betas` | `[float, float]` | `[0.9, 0.999]` | `>= 0, < 1` | AdamW's" in md
-    assert "| `loss.loss_type` | `str` | `dapo` | `grpo, bnpo, dr_grpo, dapo, cispo` |" in md
+    loss_types = "`grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo`"
+    assert f"| `loss.loss_type` | `str` | `dapo` | {loss_types} |" in md
     assert "| `model.path` | `str \\| null` | `null` |  |" in md  # pipes escaped inside table cells
 
 

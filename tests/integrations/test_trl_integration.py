@@ -9,6 +9,8 @@ far from 1, both clip sides fire and the KL is non-zero.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 
 import pytest
@@ -18,6 +20,7 @@ trl = pytest.importorskip("trl", reason="trl is not installed (pip install -e '.
 transformers = pytest.importorskip("transformers")
 
 from mgrpo_fast.integrations import trl as integration  # noqa: E402
+from mgrpo_fast.ops.options import LOSS_TYPES  # noqa: E402
 
 FusedGRPOTrainer = integration.FusedGRPOTrainer
 GRPOConfig = trl.GRPOConfig
@@ -141,25 +144,37 @@ def scored(assets, tmp_path_factory):
     return trainer, inputs
 
 
-def run_both(trainer, inputs):
-    """(loss, grads, metrics) of TRL's _compute_loss and of the fused one, on the same inputs."""
+ENTROPY_STATE = ("entropy_coef", "_last_world_entropy", "_entropy_window_stats")
+
+
+def run_both(trainer, inputs, autocast=None):
+    """(loss, grads, metrics, entropy-control state) of TRL's _compute_loss and of the fused one, on the
+    same inputs and from the same entropy-control state (``autocast``: a dtype to run both under)."""
     results = []
+    start = {n: getattr(trainer, n) for n in ENTROPY_STATE}
     for compute in (GRPOTrainer._compute_loss, FusedGRPOTrainer._compute_loss):
+        for n, v in start.items():
+            setattr(trainer, n, v)
         trainer.model.zero_grad(set_to_none=True)
         trainer._metrics["train"].clear()
-        loss = compute(trainer, trainer.model, inputs)
+        context = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+        with context:
+            loss = compute(trainer, trainer.model, inputs)
         loss.backward()
         grads = {
             n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None
         }
         metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-        results.append((loss.detach(), grads, metrics))
+        state = {n: getattr(trainer, n) for n in ENTROPY_STATE}
+        results.append((loss.detach(), grads, metrics, state))
+    for n, v in start.items():
+        setattr(trainer, n, v)
     trainer.model.zero_grad(set_to_none=True)
     return results
 
 
 def assert_same(trainer, inputs, expect_clipping=True):
-    (loss_trl, g_trl, m_trl), (loss_fused, g_fused, m_fused) = run_both(trainer, inputs)
+    (loss_trl, g_trl, m_trl, s_trl), (loss_fused, g_fused, m_fused, s_fused) = run_both(trainer, inputs)
     assert torch.isfinite(loss_trl)
     assert abs(loss_fused.item() - loss_trl.item()) <= 1e-5, (loss_fused.item(), loss_trl.item())
     assert g_trl.keys() == g_fused.keys() and len(g_trl) > 0
@@ -170,6 +185,12 @@ def assert_same(trainer, inputs, expect_clipping=True):
     for key, value in m_trl.items():
         other = m_fused[key]
         assert (math.isnan(value) and math.isnan(other)) or abs(other - value) <= 1e-5, (key, value, other)
+    for name in ENTROPY_STATE:  # the adaptive entropy controller moves the same way
+        a, b = s_trl[name], s_fused[name]
+        if isinstance(a, torch.Tensor) or a is None:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-7), (name, a, b)
     if expect_clipping and "clip_ratio/region_mean" in m_trl:
         assert m_trl["clip_ratio/low_mean"] > 0 and m_trl["clip_ratio/high_mean"] > 0
     return m_fused
@@ -187,50 +208,109 @@ def configure(scored):
         "vllm_importance_sampling_correction",
         "off_policy_mask_threshold",
         "top_entropy_quantile",
+        "scale_rewards",
+        "epsilon_low",
         "epsilon_high",
+        "entropy_coef",
+        "use_adaptive_entropy",
+        "_entropy_bonus_enabled",
+        "_last_world_entropy",
+        "_entropy_window_stats",
+    )
+    arg_names = (
+        "delta",
+        "use_bias_correction_kl",
+        "sapo_temperature_pos",
+        "sapo_temperature_neg",
+        "vespo_k_pos",
+        "vespo_lambda_pos",
+        "vespo_k_neg",
+        "vespo_lambda_neg",
+        "entropy_target",
+        "entropy_coef_delta",
     )
     saved = {n: getattr(trainer, n) for n in names}
-    saved_args = (trainer.args.delta, trainer.args.use_bias_correction_kl)
+    saved_args = {n: getattr(trainer.args, n) for n in arg_names}
 
     def apply(delta=None, use_bias_correction_kl=True, **attrs):
-        for n, v in attrs.items():
-            setattr(trainer, n, v)
         trainer.args.delta = delta
         trainer.args.use_bias_correction_kl = use_bias_correction_kl
+        for n, v in attrs.items():
+            setattr(trainer.args if n in arg_names else trainer, n, v)
+        trainer._entropy_bonus_enabled = trainer.entropy_coef != 0.0 or trainer.use_adaptive_entropy
         return trainer
 
     yield apply
     for n, v in saved.items():
         setattr(trainer, n, v)
-    trainer.args.delta, trainer.args.use_bias_correction_kl = saved_args
+    for n, v in saved_args.items():
+        setattr(trainer.args, n, v)
 
 
-@pytest.mark.parametrize(
-    "beta, corrected_kl",
-    [(0.0, True), (0.04, True), (0.04, False)],
-    ids=["beta0", "beta0.04", "beta0.04-uncorrected-kl"],
-)
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
-def test_loss_and_grads_match_trl(scored, configure, loss_type, beta, corrected_kl):
-    """beta = 0.04 with TRL's default use_bias_correction_kl=True takes the two-stage path;
-    every other case the one-pass fused loss."""
+EPSILONS = {
+    "eps-asymmetric": dict(epsilon_low=0.2, epsilon_high=0.28),
+    "eps-wide": dict(epsilon_low=0.5, epsilon_high=2.0),  # cispo: the IS weight capped at 2
+}
+BETAS = {
+    "beta0": dict(beta=0.0),
+    "beta0.04": dict(beta=0.04, use_bias_correction_kl=True),
+    "beta0.04-uncorrected": dict(beta=0.04, use_bias_correction_kl=False),
+}
+
+
+@pytest.mark.parametrize("epsilons", EPSILONS, ids=list(EPSILONS))
+@pytest.mark.parametrize("betas", BETAS, ids=list(BETAS))
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_configuration_matrix_matches_trl(scored, configure, loss_type, level, betas, epsilons):
+    """TRL accepts every loss type at both importance-sampling levels, with or without the KL term
+    (importance-weighted or not) and any clip range: each combination gives TRL's loss, gradients
+    and metrics. (``scale_rewards`` acts on the advantages before the loss: test below.)"""
     trainer, inputs = scored
-    configure(loss_type=loss_type, beta=beta, use_bias_correction_kl=corrected_kl)
-    metrics = assert_same(trainer, inputs)
-    assert ("kl" in metrics) == (beta != 0.0)
-    for key in ("entropy", "clip_ratio/low_min", "clip_ratio/high_max", "clip_ratio/region_mean"):
-        assert key in metrics
+    configure(loss_type=loss_type, importance_sampling_level=level, **BETAS[betas], **EPSILONS[epsilons])
+    clips = loss_type not in ("cispo", "sapo", "vespo")
+    both_sides_clip = clips and level == "token" and epsilons == "eps-asymmetric"  # on this batch
+    metrics = assert_same(trainer, inputs, expect_clipping=both_sides_clip)
+    assert ("kl" in metrics) == (BETAS[betas]["beta"] != 0.0)
+    assert "entropy" in metrics
+    clip_keys = ("clip_ratio/low_min", "clip_ratio/high_max", "clip_ratio/region_mean")
+    assert all(key in metrics for key in clip_keys) == clips
+    assert ("vespo/phi_seq_mean" in metrics) == (loss_type == "vespo")
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_scale_rewards_matches_trl(scored, configure, loss_type):
+    """Advantages scaled as each ``scale_rewards`` says (TRL's own code: the fused trainer only replaces
+    the loss), then the loss on them: TRL's."""
+    from trl.trainer.utils import split_tensor_dict
+
+    trainer, _ = scored
+    advantages = {}
+    for scale_rewards in ("group", "batch", "none"):
+        configure(loss_type=loss_type, scale_rewards=scale_rewards)
+        torch.manual_seed(0)  # the same completions and rewards each time
+        batch = next(iter(trainer.get_train_dataloader()))
+        inputs = trainer._generate_and_score_completions(batch)
+        advantages[scale_rewards] = inputs["advantages"]
+        micro_batch = split_tensor_dict(inputs, trainer.args.steps_per_generation)[0]
+        assert_same(trainer, micro_batch, expect_clipping=False)
+    group, batch_scaled, none = advantages.values()
+    assert none.abs().sum() > 0 and not torch.allclose(group, none) and not torch.allclose(batch_scaled, none)
 
 
 def test_loss_types_differ_on_this_batch(scored, configure):
     """Guard for the comparisons: on this ragged batch each normalizer gives its own value."""
     trainer, inputs = scored
     values = {}
-    for loss_type in ("grpo", "dapo", "dr_grpo", "bnpo"):
+    for loss_type in LOSS_TYPES:
         configure(loss_type=loss_type)
         with torch.no_grad():
             values[loss_type] = GRPOTrainer._compute_loss(trainer, trainer.model, inputs).item()
-    assert len({round(v, 6) for v in values.values()}) == 4, values
+    assert len({round(v, 6) for v in values.values()}) == len(LOSS_TYPES), values
+
+
+# the adaptive entropy control after a window whose entropy was 0 (the coefficient moves)
+ADAPTIVE = dict(use_adaptive_entropy=True, entropy_coef=0.02, _last_world_entropy=0.0)
 
 
 @pytest.mark.parametrize(
@@ -245,6 +325,25 @@ def test_loss_types_differ_on_this_batch(scored, configure):
         dict(loss_type="dapo", use_vllm=True, vllm_importance_sampling_correction=True),
         dict(loss_type="bnpo", off_policy_mask_threshold=0.05),
         dict(loss_type="dapo", top_entropy_quantile=0.5),
+        dict(loss_type="sapo", sapo_temperature_pos=0.6, sapo_temperature_neg=2.0, beta=0.04),
+        dict(loss_type="sapo", importance_sampling_level="sequence"),
+        dict(loss_type="cispo", epsilon_high=1.1, importance_sampling_level="sequence"),
+        dict(loss_type="luspo", importance_sampling_level="sequence", beta=0.04),
+        dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_pos=2.0, vespo_k_neg=2.5, vespo_lambda_neg=1.0),
+        dict(loss_type="vespo", use_vllm=True, vllm_importance_sampling_correction=True, beta=0.04),
+        dict(loss_type="sapo", use_vllm=True, vllm_importance_sampling_correction=True),
+        dict(loss_type="luspo", use_vllm=True, vllm_importance_sampling_correction=True),
+        dict(loss_type="grpo", entropy_coef=0.05, beta=0.04),
+        dict(loss_type="dapo", entropy_coef=0.05),
+        dict(loss_type="dr_grpo", entropy_coef=-0.02),
+        dict(loss_type="vespo", entropy_coef=0.05),
+        dict(loss_type="dapo", entropy_coef=0.05, top_entropy_quantile=0.5),
+        dict(ADAPTIVE, loss_type="grpo", entropy_target=5.0),
+        dict(ADAPTIVE, loss_type="dapo", entropy_target=0.5),
+        dict(loss_type="dapo", use_adaptive_entropy=True, entropy_coef=0.02, entropy_target=5.0),
+        dict(ADAPTIVE, loss_type="grpo", entropy_target=5.0, top_entropy_quantile=0.5),
+        dict(loss_type="dapo", delta=0.9),
+        dict(loss_type="grpo", epsilon_low=1.2, epsilon_high=0.1),
     ],
     ids=[
         "gspo-grpo",
@@ -256,6 +355,25 @@ def test_loss_types_differ_on_this_batch(scored, configure):
         "vllm-is",
         "off-policy-mask",
         "top-entropy",
+        "sapo-temperatures",
+        "sapo-sequence",
+        "cispo-sequence",
+        "luspo-sequence-kl",
+        "vespo-gamma",
+        "vespo-vllm-is",
+        "sapo-vllm-is",
+        "luspo-vllm-is",
+        "entropy-grpo",
+        "entropy-dapo",
+        "entropy-negative-dr_grpo",
+        "entropy-vespo",
+        "entropy-top-entropy",
+        "adaptive-entropy-grpo",
+        "adaptive-entropy-above-target",
+        "adaptive-entropy-first-window",
+        "adaptive-entropy-top-entropy",
+        "delta-below-1",
+        "epsilon-low-above-1",
     ],
 )
 def test_other_options_match_trl(scored, configure, case):
@@ -267,7 +385,11 @@ def test_other_options_match_trl(scored, configure, case):
         inputs["importance_sampling_ratio"] = ratio.masked_fill(ratio > 1.4, 0.0)
     configure(**case)
     sequence_level = case.get("importance_sampling_level") == "sequence"
-    assert_same(trainer, inputs, expect_clipping=not sequence_level and case["loss_type"] != "cispo")
+    clipping = not sequence_level and case["loss_type"] not in ("cispo", "sapo", "vespo")
+    clipping = clipping and "epsilon_low" not in case and (case.get("delta") or 2.0) > 1.0
+    metrics = assert_same(trainer, inputs, expect_clipping=clipping)
+    if case.get("entropy_coef") or case.get("use_adaptive_entropy"):
+        assert "policy_loss" in metrics and "entropy_coef" in metrics
 
 
 def test_on_policy_batch_without_old_logps(scored, configure):
@@ -284,10 +406,12 @@ def test_on_policy_batch_without_old_logps(scored, configure):
     [
         # the one-pass fused loss with a KL term and old log-probs (num_iterations = 2), fp32
         dict(loss_type="dapo", beta=0.04, use_bias_correction_kl=False, num_iterations=2),
-        # TRL's defaults (bf16 autocast, bias-corrected KL): the two-stage path under autocast
-        dict(loss_type="grpo", beta=0.04, bf16=True),
+        # TRL's defaults (bf16 autocast, bias-corrected KL) and the adaptive entropy bonus
+        dict(loss_type="grpo", beta=0.04, bf16=True, use_adaptive_entropy=True, entropy_target=10.0),
+        # the bonus over the high-entropy tokens only: the two-stage path
+        dict(loss_type="vespo", entropy_coef=0.01, top_entropy_quantile=0.5),
     ],
-    ids=["fused-fp32", "two-stage-bf16"],
+    ids=["fused-fp32", "fused-bf16-adaptive-entropy", "two-stage-top-entropy-bonus"],
 )
 def test_two_training_steps_end_to_end(assets, tmp_path, monkeypatch, overrides):
     calls = {"fused": 0, "two_stage": 0}
@@ -306,29 +430,60 @@ def test_two_training_steps_end_to_end(assets, tmp_path, monkeypatch, overrides)
     assert result.global_step == 2
     assert math.isfinite(result.training_loss)
     # 2 optimizer steps x 2 accumulation micro-batches, each one loss call on the expected path
-    expected = "two_stage" if overrides.get("use_bias_correction_kl", True) else "fused"
+    expected = "two_stage" if "top_entropy_quantile" in overrides else "fused"
     assert calls[expected] == 4 and sum(calls.values()) == 4, calls
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2
-    keys = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
-    for key in (*keys, "clip_ratio/low_min", "clip_ratio/high_max"):
+    keys = ["entropy"] + (["kl"] if overrides.get("beta") else [])
+    if overrides["loss_type"] != "vespo":
+        keys += ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
+        keys += ["clip_ratio/low_min", "clip_ratio/high_max"]
+    if "entropy_coef" in overrides or "use_adaptive_entropy" in overrides:
+        keys += ["policy_loss", "entropy_coef"]
+    for key in keys:
         assert all(key in entry and math.isfinite(entry[key]) for entry in logs), key
+    if overrides.get("use_adaptive_entropy"):  # entropy <= target: the coefficient grew each step
+        assert trainer.entropy_coef == pytest.approx(2 * trainer.args.entropy_coef_delta)
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert "lm_head.weight" in changed and len(changed) > 1
 
 
-def test_unsupported_fields_fail_before_loading(tmp_path):
-    """Checked before the model is loaded: the bogus model path is never reached."""
-    for overrides, field in [
-        (dict(loss_type="sapo"), "loss_type='sapo'"),
-        (dict(entropy_coef=0.01), "entropy_coef"),
-        (dict(loss_type="dr_grpo", max_completion_length=None), "max_completion_length"),
-        (dict(delta=0.9), "delta"),
-    ]:
-        with pytest.raises(ValueError, match=field):
-            FusedGRPOTrainer(
-                model="/nonexistent/model", reward_funcs=char_reward, args=make_config(tmp_path, **overrides)
-            )
+def test_dr_grpo_without_max_completion_length_fails_in_trl_too(scored, configure):
+    """The one configuration refused for the loss: TRL's own loss cannot compute it either."""
+    trainer, inputs = scored
+    configure(loss_type="dr_grpo")
+    saved = trainer.max_completion_length
+    trainer.max_completion_length = None
+    try:
+        with pytest.raises(TypeError):
+            GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    finally:
+        trainer.max_completion_length = saved
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
+def test_bf16_within_twice_trl_error(scored, configure, loss_type):
+    """Under bf16 autocast (TRL's default), the fused loss's error against the same loss on an fp64
+    copy of the model is at most twice TRL's own (loss and every parameter gradient)."""
+    trainer, inputs = scored
+    extra = dict(epsilon_high=1.1) if loss_type == "cispo" else {}
+    configure(loss_type=loss_type, beta=0.04, entropy_coef=0.01, **extra)
+    model64 = copy.deepcopy(trainer.model).double()
+    inputs64 = {
+        k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()
+    }
+    loss64 = GRPOTrainer._compute_loss(trainer, model64, inputs64)
+    loss64.backward()
+    grads64 = {n: p.grad.detach() for n, p in model64.named_parameters() if p.grad is not None}
+    (loss_trl, g_trl, _, _), (loss_fused, g_fused, _, _) = run_both(trainer, inputs, autocast=torch.bfloat16)
+    floor = 1e-3
+    trl_err, fused_err = abs(loss_trl.double() - loss64.detach()), abs(loss_fused.double() - loss64.detach())
+    assert fused_err <= 2 * trl_err + floor * max(1.0, abs(loss64.item())), (fused_err, trl_err)
+    for name, g in grads64.items():
+        scale = g.norm().clamp(min=1e-12)
+        trl_e = float((g_trl[name].double() - g).norm() / scale)
+        fused_e = float((g_fused[name].double() - g).norm() / scale)
+        assert fused_e <= 2 * trl_e + floor, (name, fused_e, trl_e)
 
 
 def test_version_check():
@@ -358,7 +513,14 @@ def test_loss_options_of_config(tmp_path):
     """A GRPOConfig read as TRL reads it: one LossOptions, TRL-only fields mapped or dropped."""
     LossOptions = integration.LossOptions
     options = integration.loss_options_of(make_config(tmp_path, loss_type="grpo", beta=0.04, delta=1.5))
-    assert options == LossOptions(loss_type="grpo", epsilon_low=0.2, epsilon_high=0.28, delta=1.5, beta=0.04)
+    assert options == LossOptions(
+        loss_type="grpo",
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        delta=1.5,
+        beta=0.04,
+        use_bias_correction_kl=True,
+    )
     # epsilon_high defaults to epsilon; max_completion_length only normalizes dr_grpo
     options = integration.loss_options_of(make_config(tmp_path, loss_type="dr_grpo", epsilon_high=None))
     assert (options.epsilon_high, options.max_completion_length) == (0.2, 6)
@@ -366,3 +528,31 @@ def test_loss_options_of_config(tmp_path):
     cispo = make_config(tmp_path, loss_type="cispo", epsilon_high=5.0, delta=1.5)
     options = integration.loss_options_of(cispo)
     assert (options.delta, options.epsilon_high, options.max_completion_length) == (None, 5.0, None)
+
+
+# Last: constructing GRPOConfigs resets accelerate's shared state, which the `scored` trainer uses.
+def test_unsupported_fields_fail_before_loading(tmp_path):
+    """Checked before the model is loaded: the bogus model path is never reached."""
+    for overrides, field in [
+        (dict(loss_type="dr_grpo", max_completion_length=None), "max_completion_length"),
+        (dict(delta=float("nan")), "delta"),
+        (dict(sapo_temperature_neg=0.0), "sapo_temperature_neg"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            FusedGRPOTrainer(
+                model="/nonexistent/model", reward_funcs=char_reward, args=make_config(tmp_path, **overrides)
+            )
+
+
+def test_configurations_trl_accepts_are_accepted(tmp_path):
+    """Every loss type, the entropy terms and bounds TRL does not check pass the construction checks."""
+    for overrides in [
+        *[dict(loss_type=t) for t in LOSS_TYPES],
+        dict(entropy_coef=0.01),
+        dict(use_adaptive_entropy=True),
+        dict(delta=0.9),
+        dict(epsilon=1.5),
+        dict(beta=-0.01),
+        dict(loss_type="cispo", importance_sampling_level="sequence"),
+    ]:
+        assert integration.unsupported_config_fields(make_config(tmp_path, **overrides)) == [], overrides

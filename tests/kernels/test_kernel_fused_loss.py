@@ -49,6 +49,9 @@ def make_batch(dtype, *, seed=0, per_token_adv=False):
     ref = logp + 0.2 * torch.randn(B, T, dtype=torch.float64, generator=g)
     shape = (B, T) if per_token_adv else (B,)
     adv = torch.randn(shape, dtype=torch.float64, generator=g)
+    # sampler corrections (vllm_is_ratio) per token and per sequence, some truncated to 0
+    is_token = 0.5 + torch.rand(B, T, dtype=torch.float64, generator=g)
+    is_token[0, 1] = 0.0
     move = lambda x: x.to(DEVICE)  # noqa: E731
     return {
         k: move(v)
@@ -61,11 +64,21 @@ def make_batch(dtype, *, seed=0, per_token_adv=False):
             old=old.float(),
             ref=ref.float(),
             adv=adv.float(),
+            is_token=is_token.float(),
+            is_seq=is_token[:, 0].float() + 0.3,
         ).items()
     }
 
 
+def sampler_correction(d, options):
+    """``(options without the test key "is", the vllm_is_ratio it names)``."""
+    options = dict(options)
+    which = options.pop("is", None)
+    return options, None if which is None else d[f"is_{which}"]
+
+
 def run(d, impl, **options):
+    options, is_ratio = sampler_correction(d, options)
     h = d["hidden"].detach().clone().requires_grad_()
     w = d["weight"].detach().clone().requires_grad_()
     b = d["bias"].detach().clone().requires_grad_()
@@ -79,6 +92,7 @@ def run(d, impl, **options):
         ref_logp=d["ref"],
         bias=b,
         temperature=0.8,
+        vllm_is_ratio=is_ratio,
         impl=impl,
         **options,
     )
@@ -87,6 +101,7 @@ def run(d, impl, **options):
 
 
 def run_reference(d, **options):
+    options, is_ratio = sampler_correction(d, options)
     h, w, b = (d[k].detach().double().requires_grad_() for k in ("hidden", "weight", "bias"))
     logp, entropy, _ = linear_logprobs_ref(h, w, d["targets"].clamp(min=0), b, temperature=0.8)
     loss, metrics = grpo_loss_ref(
@@ -96,6 +111,7 @@ def run_reference(d, **options):
         d["adv"].double(),
         d["mask"].double(),
         entropy=entropy,
+        vllm_is_ratio=None if is_ratio is None else is_ratio.double(),
         **options,
     )
     return loss.detach(), metrics, torch.autograd.grad(loss, (h, w, b))
@@ -108,6 +124,15 @@ LOSS_CASES = [
     dict(loss_type="dr_grpo", max_completion_length=9, beta=0.1, kl_estimator="k1"),
     dict(loss_type="cispo", epsilon_high=1.1),
     dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.04),
+    dict(loss_type="sapo", beta=0.04, sapo_temperature_neg=2.0),
+    dict(loss_type="luspo", importance_sampling_level="sequence"),
+    dict(loss_type="luspo", beta=0.04, use_bias_correction_kl=True),
+    dict(loss_type="vespo", beta=0.04, vespo_k_neg=2.5),  # two-stage: Triton log-probs, torch loss
+    dict(loss_type="vespo", **{"is": "token"}),
+    dict(loss_type="dapo", beta=0.04, use_bias_correction_kl=True, **{"is": "token"}),
+    dict(loss_type="grpo", entropy_coef=0.05, **{"is": "seq"}),
+    dict(loss_type="cispo", epsilon_high=1.1, entropy_coef=-0.02, **{"is": "seq"}),
+    dict(loss_type="grpo", importance_sampling_level="sequence", entropy_coef=0.05, **{"is": "token"}),
 ]
 
 
@@ -124,7 +149,11 @@ def test_fused_triton_fp32_matches_reference(options):
         "clip_ratio/region_mean",
         "kl",
         "entropy",
+        "vespo/phi_seq_mean",
     ):
+        if key not in ref_metrics:
+            assert key not in metrics, key
+            continue
         torch.testing.assert_close(
             metrics[key].double().cpu(), ref_metrics[key], rtol=1e-5, atol=1e-6, msg=key
         )
@@ -196,23 +225,43 @@ def test_fused_triton_is_deterministic_and_chunking_invariant():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo"])
-def test_grpo_loss_triton_matches_torch(loss_type):
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(loss_type="grpo"),
+        dict(loss_type="dapo", use_bias_correction_kl=True),
+        dict(loss_type="cispo", epsilon_high=1.2),
+        dict(loss_type="sapo"),
+        dict(loss_type="luspo", kl_estimator="k2"),
+        dict(loss_type="vespo"),
+        dict(loss_type="dapo", entropy_coef=0.1),
+    ],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
+@pytest.mark.parametrize("is_ratio", [None, "token", "seq"])
+def test_grpo_loss_triton_matches_torch(options, is_ratio):
     g = torch.Generator().manual_seed(11)
     logp = (-torch.rand(B, T, generator=g) * 3).to(DEVICE).requires_grad_()
     old = logp.detach() + 0.3 * torch.randn(B, T, generator=g).to(DEVICE)
     ref = logp.detach() + 0.2 * torch.randn(B, T, generator=g).to(DEVICE)
     adv = torch.randn(B, generator=g).to(DEVICE)
     mask = (torch.rand(B, T, generator=g) > 0.2).float().to(DEVICE)
-    kw = dict(loss_type=loss_type, beta=0.04, epsilon_high=1.2 if loss_type == "cispo" else 0.28)
+    entropy = (torch.rand(B, T, generator=g) * 2).to(DEVICE).requires_grad_()
+    v = {None: None, "token": torch.rand(B, T, generator=g) + 0.3, "seq": torch.rand(B, generator=g) + 0.3}
+    v = None if v[is_ratio] is None else v[is_ratio].to(DEVICE)
+    kw = dict(beta=0.04, entropy=entropy, vllm_is_ratio=v, **options)
     loss_t, metrics_t = grpo_loss(logp, old, ref, adv, mask, impl="triton", **kw)
     loss_c, metrics_c = grpo_loss(logp, old, ref, adv, mask, impl="torch", **kw)
     torch.testing.assert_close(loss_t, loss_c, rtol=1e-5, atol=1e-7)
+    assert metrics_t.keys() == metrics_c.keys()
     for key in metrics_c:
         torch.testing.assert_close(metrics_t[key], metrics_c[key], rtol=1e-5, atol=1e-7, msg=key)
-    (g_t,) = torch.autograd.grad(loss_t, logp)
-    (g_c,) = torch.autograd.grad(loss_c, logp)
-    torch.testing.assert_close(g_t, g_c, rtol=1e-5, atol=1e-7)
+    g_t = torch.autograd.grad(loss_t, (logp, entropy), allow_unused=True)
+    g_c = torch.autograd.grad(loss_c, (logp, entropy), allow_unused=True)
+    for a, b in zip(g_t, g_c):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_grpo_loss_triton_rejects_sequence_level():

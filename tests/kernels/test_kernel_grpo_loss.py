@@ -29,7 +29,12 @@ from mgrpo_fast.kernels.grpo_loss import (  # noqa: E402
     grpo_token_terms,
     triton_token_grpo_loss,
 )
-from mgrpo_fast.reference import KL_ESTIMATORS, LOSS_TYPES, grpo_loss_ref  # noqa: E402
+from mgrpo_fast.reference import (  # noqa: E402
+    KL_ESTIMATORS,
+    LOSS_TYPES,
+    grpo_loss_ref,
+    vespo_weights_ref,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 F64 = torch.float64
@@ -66,6 +71,9 @@ def make_batch(num_seqs: int, length: int, seed: int = 0) -> dict:
     y = torch.where((kind >= 0.2) & (kind < 0.25), torch.zeros_like(y), y)
     ref32 = (logp32.double() + y).float()
     adv = torch.sign(torch.randn(n, generator=g, dtype=F64)) * u(0.1, 2.0)
+    # the sampler correction (vllm_is_ratio): finite everywhere, some exactly 0 (masked by TIS)
+    is_ratio = u(0.2, 1.6)
+    is_ratio[torch.rand(n, generator=g) < 0.05] = 0.0
     adv[torch.rand(n, generator=g) < 0.05] = 0.0
     mask = (torch.rand(n, generator=g) > 0.2).float()
     mask[torch.rand(n, generator=g) < 0.05] = 0.5  # fractional weights are honoured as weights
@@ -83,6 +91,7 @@ def make_batch(num_seqs: int, length: int, seed: int = 0) -> dict:
         "old": old32,
         "ref": ref32,
         "adv": adv.float(),
+        "is_ratio": is_ratio.float(),
         "mask": mask,
         "shape": shape,
     }
@@ -92,13 +101,33 @@ def token_weight(loss_type: str, mask: torch.Tensor, shape: tuple[int, int]) -> 
     """The caller's reduction weights (kernels/grpo_loss.py docstring), computed in fp64."""
     b, t = shape
     m = mask.to(F64).view(b, t)
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         w = (1.0 / (b * m.sum(-1).clamp(min=1.0)))[:, None].expand(b, t)
     elif loss_type == "dr_grpo":
         w = torch.full((b, t), 1.0 / (b * t), dtype=F64)
+    elif loss_type == "luspo":
+        w = torch.full((b, t), 1.0 / b, dtype=F64)
     else:
         w = torch.full((b, t), 1.0 / float(m.sum().clamp(min=1.0)), dtype=F64)
     return w.reshape(-1).float()
+
+
+def ref_options(opts: dict) -> dict:
+    """The kernel options as ``grpo_loss_ref`` keywords (``use_pw``: the sampler correction is on)."""
+    return {k: v for k, v in opts.items() if k != "use_pw"}
+
+
+def vespo_phi_rows(batch: dict, use_old: bool, use_pw: bool) -> torch.Tensor:
+    """``(N,)`` VESPO's ``φ`` of every row, from the reference (per-token advantages: per row)."""
+    b, t = batch["shape"]
+    mask = batch["mask"].to(F64).view(b, t)
+    logp = batch["clean_logp"].to(F64).view(b, t)
+    old = batch["old"].to(F64).view(b, t) if use_old else logp
+    log_ratio = torch.where(mask != 0, logp - old, 0.0)
+    v = batch["is_ratio"].to(F64).view(b, t) if use_pw else None
+    adv = batch["adv"].to(F64).view(b, t)
+    phi = vespo_weights_ref(log_ratio, mask, adv, v, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0)
+    return phi.expand(b, t).reshape(-1)
 
 
 def reference(batch: dict, opts: dict, use_old: bool, use_ref: bool):
@@ -111,16 +140,24 @@ def reference(batch: dict, opts: dict, use_old: bool, use_ref: bool):
     ref = batch["ref"].to(F64).view(b, t) if use_ref else None
     mask = batch["mask"].to(F64).view(b, t)
     adv = batch["adv"].to(F64).view(b, t)
-    loss, metrics = grpo_loss_ref(logp, old, ref, adv, mask, **opts)
+    v = batch["is_ratio"].to(F64).view(b, t) if opts.get("use_pw") else None
+    loss, metrics = grpo_loss_ref(logp, old, ref, adv, mask, vllm_is_ratio=v, **ref_options(opts))
     (grad,) = torch.autograd.grad(loss, logp)
     return loss.detach(), metrics, grad.reshape(-1)
 
 
 def token_reference(batch: dict, opts: dict, use_old: bool, use_ref: bool) -> dict:
     """fp64 reference per token: every token is its own (1, 1) batch with mask 1 (``vmap``), so
-    the reference's loss is that token's ``ℓ`` and its metrics are the token's ratio/flags/kl."""
+    the reference's loss is that token's ``ℓ`` and its metrics are the token's ratio/flags/kl.
+
+    VESPO's weight ``φ`` couples the tokens of a sequence; its token term is ``-φ A logp`` with the
+    batch's ``φ`` (``vespo_phi_rows``), plus the KL part, taken from a zero-advantage token."""
     n = batch["logp"].numel()
-    names = ["logp", "adv"] + (["old"] if use_old else []) + (["ref"] if use_ref else [])
+    use_pw = bool(opts.get("use_pw"))
+    vespo = opts["loss_type"] == "vespo"
+    names = ["logp", "adv"] + (["is_ratio"] if use_pw else []) + (["old"] if use_old else [])
+    names += ["ref"] if use_ref else []
+    token_opts = {**ref_options(opts), "loss_type": "dapo"} if vespo else ref_options(opts)
 
     def one(logp, adv, *rest):
         extra = dict(zip(names[2:], rest))
@@ -129,10 +166,11 @@ def token_reference(batch: dict, opts: dict, use_old: bool, use_ref: bool) -> di
             v(logp),
             v(extra.get("old")),
             v(extra.get("ref")),
-            v(adv),
+            v(adv * 0 if vespo else adv),
             torch.ones(1, 1, dtype=F64),
             max_completion_length=1,
-            **opts,
+            vllm_is_ratio=None if vespo else v(extra.get("is_ratio")),
+            **token_opts,
         )
         aux = (
             met["ratio"],
@@ -149,6 +187,12 @@ def token_reference(batch: dict, opts: dict, use_old: bool, use_ref: bool) -> di
     grad, (loss, (ratio, low, high, kl)) = torch.func.vmap(torch.func.grad_and_value(one, has_aux=True))(
         *[x.to(F64).reshape(n) for x in inputs]
     )
+    if vespo:  # the policy term -φ A logp (φ detached); vespo never clips
+        phi = vespo_phi_rows(batch, use_old, use_pw)
+        adv = batch["adv"].to(F64)
+        loss = loss - phi * adv * clean.to(F64)
+        grad = grad - phi * adv
+        low, high = torch.zeros_like(low), torch.zeros_like(high)
     return {
         "loss": loss,
         "grad": grad,
@@ -162,6 +206,9 @@ def token_reference(batch: dict, opts: dict, use_old: bool, use_ref: bool) -> di
 def run_kernel(batch: dict, opts: dict, use_old: bool, use_ref: bool, compute_grad: bool = True) -> dict:
     d = lambda x: x.to(DEVICE)  # noqa: E731
     weight = token_weight(opts["loss_type"], batch["mask"], batch["shape"])
+    policy_weight = batch["is_ratio"] if opts.get("use_pw") else None
+    if opts["loss_type"] == "vespo":
+        policy_weight = vespo_phi_rows(batch, use_old, bool(opts.get("use_pw"))).float()
     out = grpo_token_terms(
         d(batch["logp"]),
         d(batch["old"]) if use_old else None,
@@ -169,13 +216,9 @@ def run_kernel(batch: dict, opts: dict, use_old: bool, use_ref: bool, compute_gr
         d(batch["adv"]),
         d(batch["mask"]),
         d(weight),
-        loss_type=opts["loss_type"],
-        epsilon_low=opts["epsilon_low"],
-        epsilon_high=opts["epsilon_high"],
-        delta=opts["delta"],
-        beta=opts["beta"],
-        kl_estimator=opts["kl_estimator"],
+        None if policy_weight is None else d(policy_weight),
         compute_grad=compute_grad,
+        **{k: v for k, v in opts.items() if k != "use_pw"},
     )
     return {k: (None if v is None else v.cpu()) for k, v in out.items()}
 
@@ -196,7 +239,16 @@ def close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float =
 
 
 def check_against_reference(
-    n: int, loss_type: str, kl: str, beta: float, delta, use_old: bool, use_ref: bool, seed: int = 0
+    n: int,
+    loss_type: str,
+    kl: str,
+    beta: float,
+    delta,
+    use_old: bool,
+    use_ref: bool,
+    seed: int = 0,
+    use_pw: bool = False,
+    bias_correct: bool = False,
 ) -> None:
     batch = make_batch(*SHAPES[n], seed=seed)
     opts = dict(
@@ -206,6 +258,10 @@ def check_against_reference(
         delta=delta,
         beta=beta,
         kl_estimator=kl,
+        sapo_temperature_pos=1.0,
+        sapo_temperature_neg=1.05,
+        use_bias_correction_kl=bias_correct,
+        use_pw=use_pw,
     )
     out = run_kernel(batch, opts, use_old, use_ref)
     loss, metrics, grad = reference(batch, opts, use_old, use_ref)
@@ -272,6 +328,16 @@ def _case_id(case) -> str:
 @pytest.mark.parametrize("case", list(_cases()), ids=_case_id)
 def test_matches_reference_all_options(case) -> None:
     check_against_reference(333, *case)
+
+
+@pytest.mark.parametrize(("use_pw", "bias_correct"), [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_sampler_correction_and_corrected_kl(loss_type, use_pw, bias_correct) -> None:
+    """The policy weight (vllm_is_ratio, or VESPO's φ with it folded in) and the importance-weighted KL."""
+    for kl in KL_ESTIMATORS:
+        check_against_reference(
+            333, loss_type, kl, 0.04, 2.0, True, True, seed=11, use_pw=use_pw, bias_correct=bias_correct
+        )
 
 
 @pytest.mark.parametrize("n", [1, 7, 5000])
@@ -376,16 +442,7 @@ def test_autograd_function(loss_type: str) -> None:
         batch["mask"].to(DEVICE),
         weight,
     )
-    loss, terms, ratio, low, high, kl = TritonTokenGRPOLoss.apply(
-        logp,
-        *args,
-        opts["loss_type"],
-        opts["epsilon_low"],
-        opts["epsilon_high"],
-        opts["delta"],
-        opts["beta"],
-        opts["kl_estimator"],
-    )
+    loss, terms, ratio, low, high, kl = TritonTokenGRPOLoss.apply(logp, *args, None, opts)
     assert loss.dim() == 0 and loss.dtype == torch.float32 and loss.requires_grad
     assert not any(t.requires_grad for t in (terms, ratio, low, high, kl))
     assert torch.equal(loss.detach(), terms.sum())
@@ -425,6 +482,10 @@ def test_bad_input() -> None:
         grpo_token_terms(x, None, None, x, x, x, **{**kw, "loss_type": "ppo"})
     with pytest.raises(ValueError, match="kl_estimator"):
         grpo_token_terms(x, None, x, x, x, x, **{**kw, "kl_estimator": "k4"})
+    with pytest.raises(ValueError, match="policy_weight"):
+        grpo_token_terms(x, None, None, x, x, x, **{**kw, "loss_type": "vespo"})
+    with pytest.raises(ValueError, match="policy_weight"):
+        grpo_token_terms(x, None, None, x, x, x, x[:3], **kw)
     empty = torch.zeros(0, device=DEVICE)
     out = grpo_token_terms(empty, None, None, empty, empty, empty, **kw)
     assert out["loss_terms"].shape == (0,) and float(out["loss_terms"].sum()) == 0.0
@@ -460,7 +521,9 @@ def test_aot_specs_cover_the_launcher(monkeypatch) -> None:
                     for ref, kl, beta in [(None, "k3", 0.0)] + [
                         (x, k, b) for k in KL_ESTIMATORS for b in (0.0, 0.1)
                     ]:
-                        for grad in (False, True):
+                        for grad, pw in ((False, x), (True, None), (True, x)):
+                            if pw is None and loss_type == "vespo":
+                                continue  # refused: vespo needs its weight
                             grpo_token_terms(
                                 x,
                                 old,
@@ -468,11 +531,13 @@ def test_aot_specs_cover_the_launcher(monkeypatch) -> None:
                                 x,
                                 x,
                                 x,
+                                pw,
                                 loss_type=loss_type,
                                 delta=delta,
                                 beta=beta,
                                 kl_estimator=kl,
                                 compute_grad=grad,
+                                use_bias_correction_kl=grad,
                                 **kw,
                             )
     assert launched and set(launched) <= known

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mgrpo_fast import fused_linear_grpo_loss, grpo_loss
+from mgrpo_fast.ops.options import LOSS_TYPES
 from mgrpo_fast.rl.update import MetricSums, global_sequence_weights
 
 M = torch.tensor([3.0, 1.0, 4.0])
@@ -21,6 +22,9 @@ def test_weights_per_loss_type():
     torch.testing.assert_close(dr, LAM.double() / (3 * 4))
     dr_fixed = global_sequence_weights(M, LAM, "dr_grpo", max_completion_length=10)
     torch.testing.assert_close(dr_fixed, LAM.double() / 30)
+    torch.testing.assert_close(global_sequence_weights(M, LAM, "sapo"), grpo)
+    torch.testing.assert_close(global_sequence_weights(M, LAM, "vespo"), dapo)
+    torch.testing.assert_close(global_sequence_weights(M, LAM, "luspo"), LAM.double() / 3)
     # batch-wide counts from other ranks override the local ones
     shared = global_sequence_weights(M, LAM, "dapo", total_tokens=16, total_sequences=6, max_tokens=9)
     torch.testing.assert_close(shared, LAM.double() / 16)
@@ -33,7 +37,7 @@ def test_weights_per_loss_type():
         global_sequence_weights(M, LAM[:2], "dapo")
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo", "bnpo"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_token_weight_reproduces_the_batch_loss_in_pieces(loss_type):
     """Two micro-batches weighted with the whole batch's weights sum to the whole batch's loss."""
     torch.manual_seed(0)
