@@ -35,8 +35,9 @@ from mgrpo_fast.ops.logprobs import select_rows
 from mgrpo_fast.ops.objective import FlatBatch, grpo_objective
 from mgrpo_fast.ops.options import LossOptions
 
-# Loss types whose per-token term depends on that token's log-prob alone (with token-level IS).
-ROW_LOCAL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+# Loss types whose per-token term depends on that token's log-prob alone (with token-level IS);
+# vespo's weight needs the log-ratios of the whole sequence.
+ROW_LOCAL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 
 
 def one_pass_serves(options: LossOptions) -> bool:
@@ -46,9 +47,8 @@ def one_pass_serves(options: LossOptions) -> bool:
 
 def entropy_differentiated(options: LossOptions) -> bool:
     """Whether the objective of ``options`` has a gradient through the entropy (then each chunk
-    keeps its logits block for ``dentropy/dz``). The objective uses the entropy as a metric only."""
-    del options
-    return False
+    keeps its logits block for ``dentropy/dz``): the entropy bonus ``entropy_coef``."""
+    return options.entropy_coef != 0.0
 
 
 def _scatter(values: torch.Tensor, size: int, positions: torch.Tensor) -> torch.Tensor:
