@@ -8,9 +8,10 @@ completion token, with ``Δ = logp_t − logp_s`` (the formulas are in ``mgrpo_f
 * metrics (``rollout/mismatch_*``): mean ``|Δ|``; the k3 estimate of KL(sampler ‖ trainer),
   mean ``exp(Δ) − 1 − Δ`` (≥ 0, unbiased on samples drawn by the sampler); the fraction of tokens
   whose ratio ``exp(Δ)`` exceeds the cap ``C``; the mean truncated weight;
-* TIS (``rollout.is_correction: tis``): the per-token loss is multiplied by ``w = min(exp(Δ), C)``
-  (token level) or, at sequence level, by ``min(exp(Σ_seq Δ), C)`` for every token of the sequence.
-  The weight carries no gradient (``logp_t`` is the *old* policy's log-prob, the one the ratio of the
+* TIS (``rollout.is_correction: tis``): the policy term of each token's loss is multiplied by
+  ``w = min(exp(Δ), C)`` (token level) or, at sequence level, by ``min(exp(Σ_seq Δ), C)`` for every token
+  of the sequence; the loss takes it as ``vllm_is_ratio`` (``mgrpo_fast.ops``), the KL term is not
+  scaled. The weight carries no gradient (``logp_t`` is the *old* policy's log-prob, the one the ratio of the
   GRPO surrogate divides by).
 
 Sampler log-probs arrive per sequence (``TrainingBatch.old_logprobs``); :func:`microbatch_sampler_logprobs`

@@ -116,11 +116,6 @@ class MGRPOTrainer:
         if cfg.loss.beta > 0:  # β = 0 skips the reference model entirely (docs/algorithm.md)
             ref = PackedPolicy(self._load_model(cfg.model.ref_path, frozen=True), options, **wrap)
             self.ref_module = make_reference(ref, cfg, self.dist)
-        if cfg.rollout.is_correction == "tis" and cfg.loss.beta > 0:
-            raise ValueError(
-                "rollout.is_correction=tis with loss.beta > 0: the truncated IS weight is applied as a "
-                "per-token loss weight, which would also scale the KL term; use loss.beta=0"
-            )
         self.backend = self._make_backend()
         self.sync_rollout_weights()  # a vLLM engine starts without the policy's weights
         self.scorer = RewardScorer(cfg.reward.scorer_fns(), cfg.reward.timeout_s, cfg.reward.num_workers)
@@ -431,9 +426,10 @@ class MGRPOTrainer:
         self, microbatches: list, targets: list, old: list, sampler_logprobs: list[list[float]]
     ) -> tuple[list, dict[str, float]]:
         """The sampler–trainer mismatch metrics (``mgrpo_fast.rl.mismatch``) and, with
-        ``rollout.is_correction: tis``, the targets with their per-token loss weights multiplied by the
-        truncated IS weights. The trainer's side is the old log-probs: computed anyway when μ > 1; with
-        μ = 1 they equal the current ones, computed here in one extra pass without a graph."""
+        ``rollout.is_correction: tis``, the targets with the truncated IS weights as their ``is_ratio``
+        (the loss's ``vllm_is_ratio``: it scales the policy term, not the KL). The trainer's side is the
+        old log-probs: computed anyway when μ > 1; with μ = 1 they equal the current ones, computed here
+        in one extra pass without a graph."""
         r = self.config.rollout
         if self.config.loss.mu == 1:
             old = self.logprobs(self.engine.module, microbatches)
@@ -443,7 +439,7 @@ class MGRPOTrainer:
             sums.add(trainer, sampler)
             if r.is_correction == "tis":
                 w = truncated_is_weights(trainer, sampler, r.is_cap, r.is_level, tg.cu_seqlens)
-                targets[k] = dataclasses.replace(tg, token_weight=tg.token_weight * w.to(tg.token_weight))
+                targets[k] = dataclasses.replace(tg, is_ratio=w.to(tg.token_weight))
         return targets, MetricSums.merge(self.engine.all_gather_object(sums.sums()))
 
     def sync_rollout_weights(self) -> float:

@@ -104,6 +104,9 @@ class MicroBatchTargets:
         cu_seqlens: ``(S_mb+1,)`` int32 boundaries of the loss rows of each packed sequence.
         old_logp: ``(L,)`` f32 log-probs of the sampling policy, or None (on-policy: ratio 1).
         ref_logp: ``(L,)`` f32 log-probs of the reference model, or None (beta = 0).
+        is_ratio: ``(L,)`` f32 sampler correction (truncated importance-sampling weights of the
+            rollout engine's log-probs, ``mgrpo_fast.rl.mismatch``) multiplying each row's policy term
+            (the loss's ``vllm_is_ratio``; the KL term is not scaled), or None (no correction).
     """
 
     advantages: torch.Tensor
@@ -111,6 +114,7 @@ class MicroBatchTargets:
     cu_seqlens: torch.Tensor
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
+    is_ratio: torch.Tensor | None = None
 
 
 def microbatch_targets(
@@ -213,6 +217,7 @@ class PackedPolicy(torch.nn.Module):
             bias=bias,
             temperature=self.temperature,
             token_weight=move(targets.token_weight),
+            vllm_is_ratio=move(targets.is_ratio),
             impl=self.impl,
             options=self.options,
         )

@@ -132,3 +132,53 @@ def test_trainer_tis_loss_is_the_loss_under_the_reference_weights(tmp_path, leve
     assert not math.isclose(float(want_loss), float(plain_loss), rel_tol=1e-3)  # the correction matters
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)  # fp32 weights, rounded
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_trainer_tis_with_kl_equals_the_reference_loss(tmp_path, level):
+    """With ``loss.beta > 0`` the TIS weight (the loss's ``vllm_is_ratio``) scales the policy term
+    only: the trainer's micro-batch loss equals the fp64 reference loss with ``vllm_is_ratio`` = the
+    reference weights, the KL to the reference model unscaled."""
+    from conftest import padded_from_packed
+
+    from mgrpo_fast.config.loading import load_config
+    from mgrpo_fast.rl.trainer import MGRPOTrainer
+    from mgrpo_fast.rl.update import microbatch_targets
+
+    beta, cap = 0.3, 1.5
+    config = load_config(None, [
+        f"--logging.run_dir={tmp_path / 'run'}", "--logging.tensorboard=false", "--rollout.backend=hf",
+        "--rollout.is_correction=tis", f"--rollout.is_cap={cap}", f"--rollout.is_level={level}",
+        "--reward.num_workers=0", f"--loss.beta={beta}", "--loss.loss_type=dapo",
+        "--rollout.max_new_tokens=16", "--algo=grpo",
+    ])  # fmt: skip
+    trainer = MGRPOTrainer(config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the policy moves away from the reference model: a non-zero KL
+        for p in trainer.policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    vocab = trainer.policy.get_input_embeddings().num_embeddings
+    ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+    lengths = [7, 1, 12]
+    seqs = [SequenceSpec(ids(p), ids(c)) for p, c in zip([5, 3, 8], lengths)]
+    mb = build_microbatch(seqs)
+    advantages = torch.tensor([1.0, -0.5, 0.7])
+    (ref_lp,) = trainer.logprobs(trainer.ref_module, [mb])
+    # dapo: every token weighs 1 / (loss tokens of the batch)
+    targets = microbatch_targets(mb, advantages, torch.full((3,), 1 / sum(lengths)), ref_logp=ref_lp)
+    (trainer_lp,) = trainer.logprobs(trainer.engine.module, [mb])
+    sampler_lp = trainer_lp + 0.5 * torch.randn(trainer_lp.shape, generator=g)
+    cu = targets.cu_seqlens
+    per_seq = [sampler_lp[a:b].tolist() for a, b in zip(cu[:-1], cu[1:])]
+    (corrected,), _ = trainer.sampler_mismatch([mb], [targets], [None], per_seq)
+    loss, _ = trainer.engine.module(mb, corrected)
+
+    pad = lambda x: padded_from_packed(x.double(), cu)  # noqa: E731
+    mask = valid_mask(lengths, pad(trainer_lp).shape[1])
+    w = ref.truncated_is_weight_ref(pad(trainer_lp), pad(sampler_lp), mask, cap, level)
+    padded = (pad(trainer_lp), None, pad(ref_lp), advantages.double(), mask)
+    want, metrics = ref.grpo_loss_ref(*padded, beta=beta, vllm_is_ratio=w)
+    assert float(metrics["kl"]) > 1e-3 and 0 < float(((w > cap - 1e-9) & mask.bool()).sum()) < mask.sum()
+    uncorrected, _ = ref.grpo_loss_ref(*padded, beta=beta)
+    assert not math.isclose(float(want), float(uncorrected), rel_tol=1e-3)  # the correction matters
+    torch.testing.assert_close(loss.detach().double(), want, rtol=1e-5, atol=1e-7)
