@@ -33,10 +33,8 @@ import torch
 
 from mgrpo_fast.config.run import TrainConfig
 from mgrpo_fast.data.problems import Problem
-from mgrpo_fast.data.prompts import guiding_tail
 from mgrpo_fast.data.train_data import (
     QuestionOrder,
-    default_model_path,
     drop_overlong_prompts,
     load_eval_problems,
     load_train_problems,
@@ -51,24 +49,23 @@ from mgrpo_fast.rl import layers as mgrpo
 from mgrpo_fast.rl.checkpoint import latest_checkpoint, load_run_checkpoint, save_run_checkpoint
 from mgrpo_fast.rl.evaluate import TwoPassResult, configured_two_pass_correctness, summarize_two_pass
 from mgrpo_fast.rl.mismatch import MismatchSums, microbatch_sampler_logprobs, truncated_is_weights
-from mgrpo_fast.rl.rollout.base import RolloutBackend, SamplingParams
-from mgrpo_fast.rl.rollout.hf import HFGenerateBackend
 from mgrpo_fast.rl.run_dir import check_checkpoint_config, own_run_directory
 from mgrpo_fast.rl.run_log import MetricsWriter, Progress, combine_rank_metrics
 from mgrpo_fast.rl.scorer import RewardScorer
+from mgrpo_fast.rl.setup import (
+    autocast_dtype,
+    load_model,
+    load_run_tokenizer,
+    make_rollout_backend,
+    prompt_token_limit,
+    sampling_params,
+)
 from mgrpo_fast.rl.signals import GracefulStop
 from mgrpo_fast.rl.update import MetricSums, PackedPolicy, global_sequence_weights, microbatch_targets
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["MGRPOTrainer", "NonFiniteLossError", "lr_at"]
-
-_DTYPES = {
-    "auto": torch.float32,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 @dataclass
@@ -106,17 +103,21 @@ class MGRPOTrainer:
         )
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.policy = model if model is not None else self._load_model(cfg.model.path)
-        self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
+        self.policy = model if model is not None else load_model(cfg, cfg.model.path, self.device)
+        self.tokenizer = tokenizer if tokenizer is not None else load_run_tokenizer(cfg)
         options, temperature = cfg.loss.options(), cfg.rollout.temperature
-        wrap = dict(temperature=temperature, autocast_dtype=self._autocast_dtype(), impl=cfg.loss.impl)
+        wrap = dict(
+            temperature=temperature, autocast_dtype=autocast_dtype(cfg, self.device), impl=cfg.loss.impl
+        )
         module = PackedPolicy(self.policy, options, **wrap)
         self.engine = make_engine(self.policy, module, cfg, self.dist, self.device)
         self.ref_module = None
         if cfg.loss.beta > 0:  # β = 0 skips the reference model entirely (docs/algorithm.md)
-            ref = PackedPolicy(self._load_model(cfg.model.ref_path, frozen=True), options, **wrap)
+            ref = PackedPolicy(load_model(cfg, cfg.model.ref_path, self.device, frozen=True), options, **wrap)
             self.ref_module = make_reference(ref, cfg, self.dist)
-        self.backend = self._make_backend()
+        self.backend = make_rollout_backend(
+            cfg, self.policy, self.tokenizer, self.device, self.dist is not None
+        )
         self.sync_rollout_weights()  # a vLLM engine starts without the policy's weights
         self.scorer = RewardScorer(cfg.reward.scorer_fns(), cfg.reward.timeout_s, cfg.reward.num_workers)
         problems = train_problems if train_problems is not None else load_train_problems(cfg.data)
@@ -136,89 +137,18 @@ class MGRPOTrainer:
         self.is_main = self.engine.is_main
 
     # ------------------------------------------------------------------ set-up
-    def _load_model(self, path: str | None, frozen: bool = False) -> torch.nn.Module:
-        from mgrpo_fast.models.policy import load_policy
-
-        m = self.config.model
-        model = load_policy(
-            path or default_model_path(),
-            gguf_file=m.gguf_file if path == m.path else None,
-            dtype=_DTYPES[m.dtype],
-            device=self.device,
-            attn_implementation=m.attn_implementation,
-            liger_kernels=m.liger_kernels,
-            gradient_checkpointing=m.gradient_checkpointing and not frozen,
-        )
-        if frozen:
-            model.eval().requires_grad_(False)
-        return model
-
-    def _load_tokenizer(self) -> Any:
-        from mgrpo_fast.models.checkpoints import load_tokenizer
-
-        m = self.config.model
-        gguf_file = m.gguf_file if m.tokenizer_path == m.path else None
-        return load_tokenizer(m.tokenizer_path or default_model_path(), gguf_file)
-
-    def _autocast_dtype(self) -> torch.dtype | None:
-        mp = self.config.parallel.mixed_precision
-        if self.device.type != "cuda" or mp == "no":
-            return None
-        return torch.float16 if mp == "fp16" else torch.bfloat16
-
-    def _make_backend(self) -> RolloutBackend:
-        """The rollout backend of ``rollout.backend`` (resolved: ``vllm`` or ``hf``)."""
-        r = self.config.rollout
-        if r.backend == "hf":
-            return HFGenerateBackend(self.policy, self.tokenizer)
-        from mgrpo_fast.rl.rollout.vllm import VLLMBackend
-
-        return VLLMBackend(
-            self.policy,
-            self.tokenizer,
-            device=self.device,
-            kv_cache_gib=r.vllm_kv_cache_gib,
-            gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-            block_size=r.vllm_block_size,
-            max_num_seqs=r.vllm_max_num_seqs,
-            seed=r.seed,
-            sleep_mode=r.vllm_sleep_mode,
-            distributed=self.dist is not None,
-        )
-
-    def _sampling(self, max_new_tokens: int) -> SamplingParams:
-        r = self.config.rollout
-        return SamplingParams(
-            temperature=r.temperature,
-            top_p=r.top_p,
-            top_k=r.top_k,
-            max_new_tokens=max_new_tokens,
-            stop=r.stop,
-            batch_size=r.batch_size,
-            # the sampler's log-probs: the mismatch metrics (vllm) and the TIS correction need them
-            return_logprobs=r.return_logprobs or r.backend == "vllm" or r.is_correction != "none",
-        )
-
     def _fitting(self, problems: list[Problem], source: str) -> list[Problem]:
-        """``problems`` whose prompts fit the model's context (``data.max_prompt_tokens``, ``data.overlong``):
-        a layer-1 prompt plus T1, and for MGRPO plus the first answer, the phrase and T2."""
-        cfg = self.config
-        limit = cfg.data.max_prompt_tokens
-        d = cfg.data
-        options = dict(system_prompt=d.system_prompt, template=d.template, instruction=d.instruction)
-        context = getattr(self.policy.config, "max_position_embeddings", None)
-        if context:
-            room = context - cfg.rollout.max_new_tokens
-            if cfg.algo == "mgrpo":
-                l2 = cfg.layer2
-                turn = dict(separator=l2.separator, guiding_turn=l2.guiding_turn, **options)
-                # the phrase as a continuation, or as a user turn with the template's turn markers
-                tails = (guiding_tail("q", p, self.tokenizer, **turn) for p in l2.guiding_phrases)
-                phrase = max(len(self.tokenizer.encode(t, add_special_tokens=False)) for t in tails)
-                room -= cfg.rollout.max_new_tokens + phrase + l2.max_new_tokens
-            limit = room if limit is None else min(limit, room)
+        """``problems`` whose prompts fit the context (``data.max_prompt_tokens``, ``data.overlong``)."""
+        d = self.config.data
         return drop_overlong_prompts(
-            problems, self.tokenizer, limit=limit, mode=d.overlong, source=source, prompt_options=options
+            problems,
+            self.tokenizer,
+            limit=prompt_token_limit(self.config, self.policy, self.tokenizer),
+            mode=d.overlong,
+            source=source,
+            prompt_options=dict(
+                system_prompt=d.system_prompt, template=d.template, instruction=d.instruction
+            ),
         )
 
     @property
@@ -246,7 +176,7 @@ class MGRPOTrainer:
                 problems,
                 self.tokenizer,
                 self.backend,
-                self._sampling(cfg.rollout.max_new_tokens),
+                sampling_params(cfg, cfg.rollout.max_new_tokens),
                 cfg.layer1.group_size,
                 self._seed(step, 1),
                 system_prompt=d.system_prompt,
@@ -267,7 +197,7 @@ class MGRPOTrainer:
                     pairs,
                     self.tokenizer,
                     self.backend,
-                    self._sampling(l2.max_new_tokens),
+                    sampling_params(cfg, l2.max_new_tokens),
                     l2.group_size,
                     self._seed(step, 2),
                     phrases=l2.guiding_phrases,
