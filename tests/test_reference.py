@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from mgrpo_fast import reference
 from mgrpo_fast.reference import (
     IMPORTANCE_SAMPLING_LEVELS,
     LOSS_TYPES,
@@ -78,7 +79,7 @@ def _away_from(values: torch.Tensor, bounds: list[float], margin: float = 1e-3) 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("level", IMPORTANCE_SAMPLING_LEVELS)
 @pytest.mark.parametrize("per_token_adv", [False, True])
-def test_grpo_loss_ref_gradcheck(loss_type, level, per_token_adv):
+def test_grpo_loss_ref_gradcheck(loss_type, level, per_token_adv, monkeypatch):
     logp, old, ref, mask = _gradcheck_batch()
     adv = torch.randn(2, 6, dtype=F64) if per_token_adv else t([0.7, -1.3])
     # cispo's IS weight is detached by design: its gradient is only the derivative of the loss
@@ -94,6 +95,14 @@ def test_grpo_loss_ref_gradcheck(loss_type, level, per_token_adv):
         delta=2.0 if loss_type != "cispo" else None,
         max_completion_length=8,
     )
+    if loss_type == "vespo":
+        # vespo's Gamma weight is a stop-gradient by design (-sg(phi) A logp): finite differences
+        # must see it held at its value at logp, as autograd does.
+        held = reference.vespo_weights_ref(
+            (logp - old) * mask, mask, adv if per_token_adv else adv[:, None], None,
+            k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0,
+        )  # fmt: skip
+        monkeypatch.setattr(reference, "vespo_weights_ref", lambda *args, **kw: held)
     logp.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda lp: grpo_loss_ref(lp, old, ref, adv, mask, **kwargs)[0], (logp,))
 
