@@ -1,6 +1,8 @@
 """Correction rounds for the arithmetic task (:mod:`mgrpo_fast.data.arithmetic`): what a tiny model made
-with ``make_tiny_model --correction-share S`` (S > 0) is taught to write after a guiding phrase, and the
-flawed first answers it learns to correct. The bundled model was made without them (S = 0).
+with ``make_tiny_model`` is taught to write after a guiding phrase (the bundled model: half its
+examples), and the first answers it sees there: flawed worked solutions, near-miss guesses
+(:func:`guessed_answer`) and right ones. A correction round either restates the first answer
+(:func:`restated_answer`) or re-derives it (:func:`checked_solution`).
 
 A first answer is the task's compact worked solution, one equation per operation::
 
@@ -39,6 +41,9 @@ __all__ = [
     "checked_solution",
     "derivation",
     "flawed_solution",
+    "guessed_answer",
+    "plan",
+    "restated_answer",
     "worked_solution",
 ]
 
@@ -138,10 +143,29 @@ def _sentences(problem: Problem, level: int) -> list[str]:
     return parts[: level + 1]
 
 
-CHECK_STYLES = ("sentence", "span")
-"""How :func:`checked_solution` quotes the question: whole sentences, or each sentence's span from the
+CHECK_STYLES = ("sentence", "span", "plan")
+"""How :func:`checked_solution` reads the question back: whole sentences, each sentence's span from the
 word after its subject to its last number (``"Mia has 7 apples"`` -> ``"has 7"``, ``"She buys 3 bags
-with 4 apples each"`` -> ``"buys 3 bags with 4"``, ``"He doubles his pens"`` -> ``"doubles his pens"``)."""
+with 4 apples each"`` -> ``"buys 3 bags with 4"``, ``"He doubles his pens"`` -> ``"doubles his pens"``),
+or a plan: the start value and one short operation per sentence (``"7 +3*4 -5"``, see
+:func:`plan`), written before any equation."""
+
+_PLAN_OP = {
+    "add": "+{}",
+    "sub": "-{}",
+    "mul": "*{}",
+    "div": "/{}",
+    "add_groups": "+{}*{}",
+    "sub_groups": "-{}*{}",
+}
+
+
+def plan(problem: Problem) -> str:
+    """The question read back as operations, one per sentence after the start value: ``"7 +3*4 -5"``
+    for "Mia has 7 apples. She buys 3 bags with 4 apples each. She gives away 5. ..." (``*2`` for
+    "doubles", ``/3`` for "3 equal piles, keeps one")."""
+    d = derivation(problem)
+    return " ".join([str(d.start), *(_PLAN_OP[kind].format(*nums) for kind, nums in d.steps)])
 
 
 def _span(sentence: str) -> str:
@@ -156,6 +180,8 @@ def checked_solution(problem: Problem, style: str = "sentence") -> str:
     quotes only each sentence's span (:data:`CHECK_STYLES`), about two thirds of the length."""
     if style not in CHECK_STYLES:
         raise ValueError(f"style: expected one of {CHECK_STYLES}, got {style!r}")
+    if style == "plan":
+        return f"{plan(problem)}: {problem.solution}"
     d = derivation(problem)
     per_step, answer = _solve(d)
     sentences = _sentences(problem, len(d.steps))
@@ -211,3 +237,21 @@ def flawed_solution(problem: Problem, rng: random.Random, mistake: str | None = 
         if answer != right and not any(e.startswith("-") or "=-" in e for e in eqs):  # no negative value
             return ". ".join([*eqs, f"\\boxed{{{answer}}}"])
     raise ValueError(f"problem {problem.id!r}: found no flawed solution with non-negative values")
+
+
+def guessed_answer(problem: Problem, rng: random.Random, right: bool) -> str:
+    """A first answer without working, the boxed value alone (``"\\boxed{14}"``): the right one when
+    ``right``, else a near miss (the answer off by a small nonzero amount, never below 0)."""
+    value = int(problem.answer)
+    if not right:
+        value = next(v for v in (value + _offset(rng) for _ in range(100)) if v >= 0 and v != value)
+    return f"\\boxed{{{value}}}"
+
+
+def restated_answer(first_answer: str) -> str:
+    """The correction round that keeps the first answer: its last boxed value restated, nothing
+    re-derived (``"3*4=12. 7+12=19. \\boxed{19}"`` -> ``"\\boxed{19}"``)."""
+    m = re.findall(r"\\boxed\{(\d+)\}", first_answer)
+    if not m:
+        raise ValueError(f"first_answer: expected a boxed integer answer, got {first_answer!r}")
+    return f"\\boxed{{{m[-1]}}}"

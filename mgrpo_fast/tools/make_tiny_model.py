@@ -7,11 +7,16 @@ Tokenizer: one token per character of printable ASCII plus ``"\\n"`` (covers the
 instruction and the guiding phrases of ``mgrpo_fast.data``), special tokens ``<pad>``, ``<eos>`` and
 ``<unk>``; no BOS, no chat template, so prompts use ``mgrpo_fast.data``'s plain format.
 
-Training: supervised on direct solutions (the bundled model: only those). With ``--correction-share
-S > 0`` a share S of the examples are correction rounds instead (``encode_correction_example``: the
-layer-2 input with a right or a flawed first answer, then a re-derivation,
-:mod:`mgrpo_fast.data.arithmetic_corrections`); no bundled model was made that way yet. Each direct example is
-``build_prompt_ids(problem, instruction=...) + ids(" " + solution) + [eos]`` (by default the short plain
+Training: supervised, on a mixture that leaves RL something to learn in each layer (the defaults are
+the bundled model's). A share ``--correction-share`` of the examples are correction rounds
+(``encode_correction_example``: the layer-2 input with a first answer drawn by
+``draw_first_answer``, then either the first answer restated, ``\\boxed{19}``, with probability
+``--restate-share``, or a re-derivation that quotes the question sentence by sentence,
+:mod:`mgrpo_fast.data.arithmetic_corrections`); the others are first answers: the boxed answer alone,
+without working, with probability ``--direct-share``, else the worked solution. Both choices are drawn
+independently of the problem, so the supervised model learns a habit (answer without working, keep the
+first answer) that RL can unlearn where working and re-checking pay off. Each first-answer example is
+``build_prompt_ids(problem, instruction=...) + ids(" " + target) + [eos]`` (by default the short plain
 prompt ``"Question: ...\n\nAnswer:"``, no instruction: 2.5x fewer tokens per example than with the
 step-by-step instruction, which the task does not need) with the loss on the target part only
 (token mean over the batch). Batches are right-padded; with causal attention a real token never sees
@@ -21,8 +26,8 @@ every random choice seeded: the same arguments and ``--threads`` give the same w
 At the end the model (fp32 safetensors), tokenizer, a generation config with the EOS id, ``task.json``
 (the task and prompt the trainer and ``mgrpo-eval`` use with this model: ``--eval-levels``, the task
 magnitudes, the instruction, ``max_new_tokens``) and a README with the command and the measured
-held-out accuracies are written to ``--out``. The defaults are the bundled model's: trained on levels
-1-2, evaluated (and trained with RL) on levels 1-3, so level 3 is left for RL to learn.
+held-out accuracies are written to ``--out``. The defaults are the bundled model's: trained and
+evaluated (and trained with RL) on levels 1-3.
 """
 
 from __future__ import annotations
@@ -43,7 +48,12 @@ import torch
 
 from mgrpo_fast.data.answers import answers_match, extract_answer
 from mgrpo_fast.data.arithmetic import DEFAULT_MAX_VALUE, bundled_problems
-from mgrpo_fast.data.arithmetic_corrections import checked_solution, flawed_solution
+from mgrpo_fast.data.arithmetic_corrections import (
+    checked_solution,
+    flawed_solution,
+    guessed_answer,
+    restated_answer,
+)
 from mgrpo_fast.data.problems import Problem
 from mgrpo_fast.data.prompts import DEFAULT_GUIDING_PHRASES, build_correction_prompt, build_prompt_ids
 from mgrpo_fast.rl.evaluate import evaluate_two_pass
@@ -113,10 +123,14 @@ def build_model(tokenizer: Any, args: argparse.Namespace) -> Any:
     return LlamaForCausalLM(config).float()
 
 
-def encode_example(problem: Problem, tokenizer: Any, instruction: str | None = None) -> tuple[list[int], int]:
-    """``(ids, num_prompt_tokens)``: the plain prompt (with ``instruction``), ``" " + solution``, EOS."""
+def encode_example(
+    problem: Problem, tokenizer: Any, instruction: str | None = None, direct: bool = False
+) -> tuple[list[int], int]:
+    """``(ids, num_prompt_tokens)``: the plain prompt (with ``instruction``), ``" " + solution`` (or, when
+    ``direct``, the boxed answer alone, without working), EOS."""
     prompt = build_prompt_ids(problem, tokenizer, instruction=instruction)
-    target = tokenizer(" " + problem.solution, add_special_tokens=False)["input_ids"]
+    text = f"\\boxed{{{problem.answer}}}" if direct else problem.solution
+    target = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
     return prompt + list(target) + [tokenizer.eos_token_id], len(prompt)
 
 
@@ -127,33 +141,55 @@ def encode_correction_example(
     tokenizer: Any,
     instruction: str | None = None,
     correction_format: str = "sentence",
+    restate: bool = False,
 ) -> tuple[list[int], int]:
     """``(ids, num_prompt_tokens)`` of a correction round: the layer-2 input (prompt, ``" " +
     first_answer``, separator and ``phrase``, exactly as the trainer builds it), then ``" " +`` the
-    re-derivation and EOS; the re-derivation is the only target."""
+    re-derivation (or, when ``restate``, the first answer's boxed value restated) and EOS; that
+    continuation is the only target."""
     cp = build_correction_prompt(problem, " " + first_answer, phrase, tokenizer, instruction=instruction)
-    text = problem.solution if correction_format == "worked" else checked_solution(problem, correction_format)
+    if restate:
+        text = restated_answer(first_answer)
+    elif correction_format == "worked":
+        text = problem.solution
+    else:
+        text = checked_solution(problem, correction_format)
     target = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
     return cp.prompt_ids + list(target) + [tokenizer.eos_token_id], cp.num_prompt_tokens
 
 
+def draw_first_answer(problem: Problem, rng: random.Random, args: argparse.Namespace) -> str:
+    """A first answer as the supervised first pass writes them: the boxed answer alone with probability
+    ``args.direct_share``, else the worked solution; right with probability ``args.keep_share``, else a
+    near-miss guess or a worked solution with one mistake (``flawed_solution``)."""
+    right = rng.random() < args.keep_share
+    if rng.random() < args.direct_share:
+        return guessed_answer(problem, rng, right)
+    return problem.solution if right else flawed_solution(problem, rng)
+
+
 def encode_examples(problems: Sequence[Problem], tokenizer: Any, args: argparse.Namespace):
-    """The supervised examples: a share ``args.correction_share`` of the problems become correction
-    rounds (first answer right with probability ``args.keep_share``, else a flawed one; a guiding phrase
-    drawn from the defaults), the others direct solutions; every draw seeded with ``args.seed``."""
+    """The supervised examples, every draw seeded with ``args.seed``: a share ``args.correction_share``
+    of the problems become correction rounds (a first answer from :func:`draw_first_answer`, a guiding
+    phrase drawn from the defaults, then the first answer restated with probability
+    ``args.restate_share``, else the re-derivation); the others are first answers, without working with
+    probability ``args.direct_share``, else the worked solution."""
     rng = random.Random(f"corrections:{args.seed}")
     out = []
     for p in problems:
         if rng.random() < args.correction_share:
-            first = p.solution if rng.random() < args.keep_share else flawed_solution(p, rng)
+            first = draw_first_answer(p, rng, args)
             phrase = rng.choice(DEFAULT_GUIDING_PHRASES)
+            restate = rng.random() < args.restate_share
             out.append(
                 encode_correction_example(
-                    p, first, phrase, tokenizer, args.instruction, args.correction_format
+                    p, first, phrase, tokenizer, args.instruction, args.correction_format, restate
                 )
             )
         else:
-            out.append(encode_example(p, tokenizer, args.instruction))
+            out.append(
+                encode_example(p, tokenizer, args.instruction, direct=rng.random() < args.direct_share)
+            )
     return out
 
 
@@ -278,14 +314,24 @@ def _readme(args: argparse.Namespace, stats: dict[str, Any]) -> str:
     greedy, sampled = stats["greedy"], stats["sampled"]
     row = lambda name, r: f"| {name} | {r['acc']:.1%} | {r['eos_rate']:.0%} | {r['mean_tokens']:.1f} |"
     by_level = ", ".join(f"level {k}: {v:.0%}" for k, v in greedy["acc_by_level"].items())
+    tp = stats.get("two_pass")
+    two_pass = (
+        f"Acc@t1 {tp.acc_t1:.1%}, Acc@t2 {tp.acc_t2:.1%}, "
+        f"Δi→c {tp.delta_i_to_c:.1%}, Δc→i {tp.delta_c_to_i:.1%}"
+        if tp is not None
+        else "not measured"
+    )
     return f"""# Bundled tiny model
 
 A character-level Llama model ({stats["params"]:,} parameters, fp32 safetensors of {stats["bytes"]:,}
-bytes) trained supervised on direct solutions of the bundled arithmetic task
-(`mgrpo_fast.data.arithmetic`, train split, levels {list(args.levels)}, max_number {args.max_number},
-max_value {args.max_value}), prompt `Question: ...\n\nAnswer:` with instruction
-{args.instruction!r}. It exists so that MGRPO can be trained on CPU in minutes with nothing
-downloaded: `mgrpo_fast.data.bundled.bundled_model_path()`.
+bytes) trained supervised on the bundled arithmetic task (`mgrpo_fast.data.arithmetic`, train split,
+levels {list(args.levels)}, max_number {args.max_number}, max_value {args.max_value}), prompt
+`Question: ...\\n\\nAnswer:` with instruction {args.instruction!r}. Of its examples
+{args.correction_share:.0%} are correction rounds (first answer, guiding phrase, then the first answer
+restated in {args.restate_share:.0%} of them, else a re-derivation quoting the question,
+`--correction-format {args.correction_format}`), the rest first answers ({args.direct_share:.0%} the
+boxed answer alone, without working, else the worked solution). It exists so that MGRPO can be trained
+on CPU in minutes with nothing downloaded: `mgrpo_fast.data.bundled.bundled_model_path()`.
 
 Made with (seed {args.seed}, {args.steps} steps of {args.batch_size} examples, {args.threads} torch
 thread(s), {stats["wall_s"] / 60:.1f} min wall time on the machine that built it):
@@ -302,7 +348,8 @@ levels {list(args.eval_levels)}, the magnitudes above; what `task.json` tells th
 {row("greedy (temperature 0)", greedy)}
 {row("sampled (temperature 1.0, seed 0)", sampled)}
 
-Greedy by level: {by_level}.
+Greedy by level: {by_level}. Two-pass (greedy, first guiding phrase, correction cap
+{args.correction_max_new_tokens} tokens): {two_pass}.
 
 Tokens are characters. Prompts average {stats["prompt_tokens"]:.0f} tokens and reference targets
 (`" " + solution + EOS`) {stats["target_tokens"]:.0f} tokens (longest {stats["target_tokens_max"]}); use
@@ -317,7 +364,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", required=True, help="output directory (created; files in it are overwritten)")
-    p.add_argument("--steps", type=int, default=1200, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="examples per step")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data and the batch order")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
@@ -329,7 +376,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--heads", type=int, default=4, help="attention heads (hidden-size must divide)")
     p.add_argument("--max-positions", type=int, default=1024, help="max_position_embeddings (>= 768)")
-    p.add_argument("--levels", type=int, nargs="+", default=[1, 2], help="task levels trained on")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3], help="task levels trained on")
     p.add_argument(
         "--eval-levels",
         type=int,
@@ -343,21 +390,33 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-number", type=int, default=9, help="task: largest question number")
     p.add_argument("--max-value", type=int, default=DEFAULT_MAX_VALUE, help="task: largest value/answer")
     p.add_argument(
-        "--correction-share", type=float, default=0.0, help="share of correction rounds (bundled model: 0)"
+        "--correction-share", type=float, default=0.5, help="share of examples that are correction rounds"
     )
     p.add_argument(
-        "--keep-share", type=float, default=0.4, help="correction rounds with a right first answer"
+        "--keep-share", type=float, default=0.5, help="correction rounds with a right first answer"
+    )
+    p.add_argument(
+        "--direct-share",
+        type=float,
+        default=0.6,
+        help="first answers written as the boxed answer alone, without working",
+    )
+    p.add_argument(
+        "--restate-share",
+        type=float,
+        default=0.6,
+        help="correction rounds that restate the first answer instead of re-deriving it",
     )
     p.add_argument(
         "--correction-format",
-        choices=("sentence", "span", "worked"),
+        choices=("sentence", "span", "plan", "worked"),
         default="sentence",
-        help="re-derivation",
+        help="re-derivation (checked_solution's style, or the compact worked solution)",
     )
     p.add_argument("--eval-n", type=int, default=200, help="test problems for the final accuracy")
     p.add_argument("--max-new-tokens", type=int, default=RECOMMENDED_MAX_NEW_TOKENS, help="for evaluation")
     p.add_argument("--correction-max-new-tokens", type=int, default=224, help="for the two-pass eval")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
     p.add_argument("--log-every", type=int, default=100, help="steps between loss lines")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
@@ -366,6 +425,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "warmup", "hidden_size", "intermediate_size", "layers", "heads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("correction_share", "keep_share", "direct_share", "restate_share"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            p.error(f"--{name.replace('_', '-')} must be a share in [0, 1], got {getattr(args, name)}")
     if args.hidden_size % args.heads:
         p.error(f"--hidden-size {args.hidden_size} is not divisible by --heads {args.heads}")
     if args.max_positions < 768:

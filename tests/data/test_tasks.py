@@ -231,6 +231,36 @@ def test_checked_solution_span_style_quotes_each_sentence_span():
         corrections.checked_solution(p, "words")
 
 
+def test_plan_style_reads_the_question_back_as_operations_then_solves():
+    p = Problem(id="x", question="Mia has 7 apples. She buys 3 bags with 4 apples each. She gives away 5. "
+                "How many apples does she have now?", answer="14", solution="3*4=12. 7+12=19. 19-5=14. "
+                "\\boxed{14}", meta={"ops": ["add_groups", "sub"]})  # fmt: skip
+    assert corrections.plan(p) == "7 +3*4 -5"
+    assert corrections.checked_solution(p, "plan") == "7 +3*4 -5: 3*4=12. 7+12=19. 19-5=14. \\boxed{14}"
+    symbols = {"add": "+", "sub": "-", "mul": "*", "div": "/", "add_groups": "+", "sub_groups": "-"}
+    for q in generate_problems(300, seed=9, levels=(1, 2, 3, 4)):
+        head, _, rest = corrections.checked_solution(q, "plan").partition(": ")
+        start, *ops = head.split(" ")
+        assert int(start) == corrections.derivation(q).start and rest == q.solution
+        assert [op[0] for op in ops] == [symbols[k] for k in q.meta["ops"]]  # one operation per sentence
+        # the question's numbers in order ("doubles"/"triples" are *2/*3)
+        spoken = q.question.replace("doubles", "2").replace("triples", "3")
+        assert re.findall(r"\d+", head) == re.findall(r"\d+", spoken)
+
+
+def test_guessed_and_restated_answers():
+    rng = random.Random(0)
+    for p in generate_problems(200, seed=10, levels=(1, 2, 3)):
+        right, wrong = corrections.guessed_answer(p, rng, True), corrections.guessed_answer(p, rng, False)
+        assert right == f"\\boxed{{{p.answer}}}"
+        assert re.fullmatch(r"\\boxed\{\d+\}", wrong) and not answers_match(extract_answer(wrong), p.answer)
+        flawed = corrections.flawed_solution(p, rng)
+        assert corrections.restated_answer(flawed) == f"\\boxed{{{extract_answer(flawed)}}}"
+        assert corrections.restated_answer(p.solution) == right
+    with pytest.raises(ValueError, match="first_answer"):
+        corrections.restated_answer("no answer here")
+
+
 @pytest.mark.parametrize("mistake", [*corrections.MISTAKES, None])
 def test_flawed_solution_has_one_carried_mistake_and_a_wrong_answer(mistake):
     rng = random.Random(0)

@@ -12,6 +12,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 
+from mgrpo_fast.data.answers import extract_answer
 from mgrpo_fast.data.arithmetic import bundled_problems, generate_problems
 from mgrpo_fast.data.arithmetic_corrections import checked_solution
 from mgrpo_fast.data.bundled import bundled_model_path
@@ -70,7 +71,7 @@ def test_tokenizer_round_trips_without_unknown_tokens(bundled):
     assert cp.prompt_ids[: cp.question_end] == build_prompt_ids(p, tokenizer)
 
 
-@pytest.mark.parametrize("correction_format", ["sentence", "span", "worked"])
+@pytest.mark.parametrize("correction_format", ["sentence", "span", "plan", "worked"])
 def test_correction_round_example_is_the_layer2_input_then_the_rederivation(bundled, correction_format):
     """A supervised correction round (``--correction-share``): its prompt part is token for token the
     layer-2 input the trainer builds, and only the re-derivation (then EOS) is the target."""
@@ -85,6 +86,31 @@ def test_correction_round_example_is_the_layer2_input_then_the_rederivation(bund
     assert ids[-1] == tokenizer.eos_token_id
     expected = p.solution if correction_format == "worked" else checked_solution(p, correction_format)
     assert tokenizer.decode(ids[n:-1]) == " " + expected
+
+
+def test_supervised_mixture_follows_the_shares(bundled):
+    """The bundled model's habits come from these shares: first answers without working
+    (``--direct-share``), correction rounds that restate the first answer (``--restate-share``)."""
+    _, _, tokenizer = bundled
+    argv = ["--out", "unused", "--correction-share", "0.5", "--direct-share", "0.6", "--restate-share", "0.3"]
+    args = make_tiny_model._parse_args(argv)
+    problems = generate_problems(600, seed=3, levels=(1, 2, 3))
+    kinds = {"direct": 0, "worked": 0, "restate": 0, "rederive": 0}
+    for p, (ids, n) in zip(problems, make_tiny_model.encode_examples(problems, tokenizer, args)):
+        prompt, target = tokenizer.decode(ids[:n]), tokenizer.decode(ids[n:-1])
+        boxed_only = target == f" \\boxed{{{extract_answer(target)}}}"
+        if any(phrase in prompt for phrase in DEFAULT_GUIDING_PHRASES):
+            kinds["restate" if boxed_only else "rederive"] += 1
+            first = prompt.split("Answer: ", 1)[1].split("\n\n", 1)[0]
+            assert (target.strip() == f"\\boxed{{{extract_answer(first)}}}") == boxed_only
+            assert boxed_only or target == " " + checked_solution(p, args.correction_format)
+        else:
+            kinds["direct" if boxed_only else "worked"] += 1
+            assert target == (f" \\boxed{{{p.answer}}}" if boxed_only else " " + p.solution)
+    rounds = kinds["restate"] + kinds["rederive"]
+    assert abs(rounds / len(problems) - 0.5) < 0.08, kinds
+    assert abs(kinds["direct"] / (len(problems) - rounds) - 0.6) < 0.1, kinds
+    assert abs(kinds["restate"] / rounds - 0.3) < 0.1, kinds
 
 
 def _spec(path):
@@ -105,7 +131,7 @@ def test_held_out_greedy_accuracy_in_range(bundled):
     acc = make_tiny_model.evaluate_accuracy(
         model, tokenizer, test, max_new_tokens=spec["max_new_tokens"], instruction=spec["instruction"]
     )
-    assert 0.20 <= acc <= 0.70, acc
+    assert 0.10 <= acc <= 0.70, acc  # measured 0.185: most greedy answers skip the working
 
 
 def test_load_policy_matches_transformers(bundled):
@@ -148,3 +174,5 @@ def test_make_tiny_model_rejects_bad_arguments(tmp_path):
         make_tiny_model.main(["--out", str(tmp_path), "--hidden-size", "30", "--heads", "4"])
     with pytest.raises(SystemExit):
         make_tiny_model.main(["--out", str(tmp_path), "--max-positions", "512"])
+    with pytest.raises(SystemExit):
+        make_tiny_model.main(["--out", str(tmp_path), "--direct-share", "1.5"])
