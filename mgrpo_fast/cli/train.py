@@ -28,10 +28,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"mgrpo-train: error: {e}", file=sys.stderr)
         return 2
+    from mgrpo_fast.engines.distributed import finish_distributed
     from mgrpo_fast.rl.trainer import MGRPOTrainer
 
     trainer = MGRPOTrainer(cfg)
     metrics = trainer.train()
+    finish_distributed()  # after success only: a barrier would wait forever on a rank that died
     if not trainer.is_main:
         return 0
     summary = {

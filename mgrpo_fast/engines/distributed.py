@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from mgrpo_fast.engines.base import check_reduce_op
 
-__all__ = ["DistInfo", "RankCollectives", "all_reduce_floats", "init_distributed"]
+__all__ = ["DistInfo", "RankCollectives", "all_reduce_floats", "finish_distributed", "init_distributed"]
 
 
 class DistInfo:
@@ -52,6 +52,16 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistIn
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank, world, local_rank, device, backend)
+
+
+def finish_distributed() -> None:
+    """Leave the ``torchrun`` process group cleanly (a no-op outside one): a barrier, so no rank tears
+    down while another still talks to it, then ``destroy_process_group``. Without it the gloo
+    backend's worker threads can still be running at interpreter exit, which aborts the process
+    ("terminate called without an active exception", SIGABRT) after the work is done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _collective_device(device: torch.device) -> torch.device:

@@ -39,6 +39,7 @@ import torch
 from mgrpo_fast.config.loading import load_config
 from mgrpo_fast.data.problems import Problem
 from mgrpo_fast.engines.base import Engine, NonFiniteLossError
+from mgrpo_fast.engines.distributed import finish_distributed
 from mgrpo_fast.packing.microbatch import SequenceSpec
 from mgrpo_fast.rl.layers import TrainingBatch
 from mgrpo_fast.rl.trainer import MGRPOTrainer
@@ -256,3 +257,4 @@ if __name__ == "__main__":
     for model_dir in dirs:
         out = Path(out_dir) if len(dirs) == 1 else Path(out_dir) / Path(model_dir.rstrip("/")).name
         run_scenario(model_dir, out, engine, *overrides)
+    finish_distributed()
