@@ -8,14 +8,15 @@ instruction and the guiding phrases of ``mgrpo_fast.data``), special tokens ``<p
 ``<unk>``; no BOS, no chat template, so prompts use ``mgrpo_fast.data``'s plain format.
 
 Training: supervised, on a mixture that leaves RL something to learn in each layer (the defaults are
-the bundled model's). A share ``--correction-share`` of the examples are correction rounds
-(``encode_correction_example``: the layer-2 input with a first answer drawn by
-``draw_first_answer``, then either the first answer restated, ``\\boxed{19}``, with probability
-``--restate-share``, or a re-derivation that quotes the question sentence by sentence,
-:mod:`mgrpo_fast.data.arithmetic_corrections`); the others are first answers: the boxed answer alone,
-without working, with probability ``--direct-share``, else the worked solution. Both choices are drawn
-independently of the problem, so the supervised model learns a habit (answer without working, keep the
-first answer) that RL can unlearn where working and re-checking pay off. Each first-answer example is
+the bundled model's; :mod:`mgrpo_fast.tools.tiny_model_mixture` draws it). A share
+``--correction-share`` of the examples are correction rounds (the layer-2 input with a first answer,
+then either the first answer restated, ``\\boxed{19}``, with probability ``--restate-share`` (or
+``--restate-share-after-direct`` after a first answer without working), or a re-derivation that quotes
+the question sentence by sentence, :mod:`mgrpo_fast.data.arithmetic_corrections`); the others are first
+answers: the boxed answer alone, without working, with probability ``--direct-share``, else the worked
+solution. By default both choices are drawn independently of the problem, so the supervised model
+learns a habit (answer without working, keep the first answer) that RL can unlearn where working and
+re-checking pay off. Each first-answer example is
 ``build_prompt_ids(problem, instruction=...) + ids(" " + target) + [eos]`` (by default the short plain
 prompt ``"Question: ...\n\nAnswer:"``, no instruction: 2.5x fewer tokens per example than with the
 step-by-step instruction, which the task does not need) with the loss on the target part only
@@ -48,17 +49,12 @@ import torch
 
 from mgrpo_fast.data.answers import answers_match, extract_answer
 from mgrpo_fast.data.arithmetic import DEFAULT_MAX_VALUE, bundled_problems
-from mgrpo_fast.data.arithmetic_corrections import (
-    checked_solution,
-    flawed_solution,
-    guessed_answer,
-    restated_answer,
-)
 from mgrpo_fast.data.problems import Problem
-from mgrpo_fast.data.prompts import DEFAULT_GUIDING_PHRASES, build_correction_prompt, build_prompt_ids
+from mgrpo_fast.data.prompts import build_prompt_ids
 from mgrpo_fast.rl.evaluate import evaluate_two_pass
 from mgrpo_fast.rl.rollout.base import SamplingParams
 from mgrpo_fast.rl.rollout.hf import HFGenerateBackend
+from mgrpo_fast.tools.tiny_model_mixture import encode_example, encode_examples
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
 CHARACTERS = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -121,76 +117,6 @@ def build_model(tokenizer: Any, args: argparse.Namespace) -> Any:
     )
     torch.manual_seed(args.seed)
     return LlamaForCausalLM(config).float()
-
-
-def encode_example(
-    problem: Problem, tokenizer: Any, instruction: str | None = None, direct: bool = False
-) -> tuple[list[int], int]:
-    """``(ids, num_prompt_tokens)``: the plain prompt (with ``instruction``), ``" " + solution`` (or, when
-    ``direct``, the boxed answer alone, without working), EOS."""
-    prompt = build_prompt_ids(problem, tokenizer, instruction=instruction)
-    text = f"\\boxed{{{problem.answer}}}" if direct else problem.solution
-    target = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
-    return prompt + list(target) + [tokenizer.eos_token_id], len(prompt)
-
-
-def encode_correction_example(
-    problem: Problem,
-    first_answer: str,
-    phrase: str,
-    tokenizer: Any,
-    instruction: str | None = None,
-    correction_format: str = "sentence",
-    restate: bool = False,
-) -> tuple[list[int], int]:
-    """``(ids, num_prompt_tokens)`` of a correction round: the layer-2 input (prompt, ``" " +
-    first_answer``, separator and ``phrase``, exactly as the trainer builds it), then ``" " +`` the
-    re-derivation (or, when ``restate``, the first answer's boxed value restated) and EOS; that
-    continuation is the only target."""
-    cp = build_correction_prompt(problem, " " + first_answer, phrase, tokenizer, instruction=instruction)
-    if restate:
-        text = restated_answer(first_answer)
-    elif correction_format == "worked":
-        text = problem.solution
-    else:
-        text = checked_solution(problem, correction_format)
-    target = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
-    return cp.prompt_ids + list(target) + [tokenizer.eos_token_id], cp.num_prompt_tokens
-
-
-def draw_first_answer(problem: Problem, rng: random.Random, args: argparse.Namespace) -> str:
-    """A first answer as the supervised first pass writes them: the boxed answer alone with probability
-    ``args.direct_share``, else the worked solution; right with probability ``args.keep_share``, else a
-    near-miss guess or a worked solution with one mistake (``flawed_solution``)."""
-    right = rng.random() < args.keep_share
-    if rng.random() < args.direct_share:
-        return guessed_answer(problem, rng, right)
-    return problem.solution if right else flawed_solution(problem, rng)
-
-
-def encode_examples(problems: Sequence[Problem], tokenizer: Any, args: argparse.Namespace):
-    """The supervised examples, every draw seeded with ``args.seed``: a share ``args.correction_share``
-    of the problems become correction rounds (a first answer from :func:`draw_first_answer`, a guiding
-    phrase drawn from the defaults, then the first answer restated with probability
-    ``args.restate_share``, else the re-derivation); the others are first answers, without working with
-    probability ``args.direct_share``, else the worked solution."""
-    rng = random.Random(f"corrections:{args.seed}")
-    out = []
-    for p in problems:
-        if rng.random() < args.correction_share:
-            first = draw_first_answer(p, rng, args)
-            phrase = rng.choice(DEFAULT_GUIDING_PHRASES)
-            restate = rng.random() < args.restate_share
-            out.append(
-                encode_correction_example(
-                    p, first, phrase, tokenizer, args.instruction, args.correction_format, restate
-                )
-            )
-        else:
-            out.append(
-                encode_example(p, tokenizer, args.instruction, direct=rng.random() < args.direct_share)
-            )
-    return out
 
 
 def _batches(
@@ -321,6 +247,11 @@ def _readme(args: argparse.Namespace, stats: dict[str, Any]) -> str:
         if tp is not None
         else "not measured"
     )
+    after_direct = (
+        ""
+        if args.restate_share_after_direct is None
+        else f" ({args.restate_share_after_direct:.0%} after a first answer without working)"
+    )
     return f"""# Bundled tiny model
 
 A character-level Llama model ({stats["params"]:,} parameters, fp32 safetensors of {stats["bytes"]:,}
@@ -328,7 +259,7 @@ bytes) trained supervised on the bundled arithmetic task (`mgrpo_fast.data.arith
 levels {list(args.levels)}, max_number {args.max_number}, max_value {args.max_value}), prompt
 `Question: ...\\n\\nAnswer:` with instruction {args.instruction!r}. Of its examples
 {args.correction_share:.0%} are correction rounds (first answer, guiding phrase, then the first answer
-restated in {args.restate_share:.0%} of them, else a re-derivation quoting the question,
+restated in {args.restate_share:.0%} of them{after_direct}, else a re-derivation,
 `--correction-format {args.correction_format}`), the rest first answers ({args.direct_share:.0%} the
 boxed answer alone, without working, else the worked solution). It exists so that MGRPO can be trained
 on CPU in minutes with nothing downloaded: `mgrpo_fast.data.bundled.bundled_model_path()`.
@@ -408,6 +339,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="correction rounds that restate the first answer instead of re-deriving it",
     )
     p.add_argument(
+        "--restate-share-after-direct",
+        type=float,
+        default=None,
+        help="after a first answer without working, the restating share instead of --restate-share",
+    )
+    p.add_argument(
         "--correction-format",
         choices=("sentence", "span", "plan", "worked"),
         default="sentence",
@@ -425,9 +362,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "warmup", "hidden_size", "intermediate_size", "layers", "heads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("correction_share", "keep_share", "direct_share", "restate_share"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            p.error(f"--{name.replace('_', '-')} must be a share in [0, 1], got {getattr(args, name)}")
+    shares = ("correction_share", "keep_share", "direct_share", "restate_share", "restate_share_after_direct")
+    for name in shares:
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value <= 1.0:  # None: only the optional after-direct share
+            p.error(f"--{name.replace('_', '-')} must be a share in [0, 1], got {value}")
     if args.hidden_size % args.heads:
         p.error(f"--hidden-size {args.hidden_size} is not divisible by --heads {args.heads}")
     if args.max_positions < 768:

@@ -25,7 +25,7 @@ from mgrpo_fast.data.prompts import (
 from mgrpo_fast.models.policy import load_policy  # noqa: E402
 from mgrpo_fast.rl.rollout.base import SamplingParams
 from mgrpo_fast.rl.rollout.hf import HFGenerateBackend
-from mgrpo_fast.tools import make_tiny_model  # noqa: E402
+from mgrpo_fast.tools import make_tiny_model, tiny_model_mixture  # noqa: E402
 
 MAX_NEW_TOKENS = make_tiny_model.RECOMMENDED_MAX_NEW_TOKENS  # what task.json recommends
 
@@ -78,7 +78,7 @@ def test_correction_round_example_is_the_layer2_input_then_the_rederivation(bund
     _, _, tokenizer = bundled
     p = generate_problems(5, seed=1, levels=(2,))[0]
     first = " 1+1=3. \\boxed{3}"
-    ids, n = make_tiny_model.encode_correction_example(
+    ids, n = tiny_model_mixture.encode_correction_example(
         p, first.lstrip(), DEFAULT_GUIDING_PHRASES[0], tokenizer, correction_format=correction_format
     )
     cp = build_correction_prompt(p, first, DEFAULT_GUIDING_PHRASES[0], tokenizer, instruction=None)
@@ -96,7 +96,7 @@ def test_supervised_mixture_follows_the_shares(bundled):
     args = make_tiny_model._parse_args(argv)
     problems = generate_problems(600, seed=3, levels=(1, 2, 3))
     kinds = {"direct": 0, "worked": 0, "restate": 0, "rederive": 0}
-    for p, (ids, n) in zip(problems, make_tiny_model.encode_examples(problems, tokenizer, args)):
+    for p, (ids, n) in zip(problems, tiny_model_mixture.encode_examples(problems, tokenizer, args)):
         prompt, target = tokenizer.decode(ids[:n]), tokenizer.decode(ids[n:-1])
         boxed_only = target == f" \\boxed{{{extract_answer(target)}}}"
         if any(phrase in prompt for phrase in DEFAULT_GUIDING_PHRASES):
@@ -111,6 +111,24 @@ def test_supervised_mixture_follows_the_shares(bundled):
     assert abs(rounds / len(problems) - 0.5) < 0.08, kinds
     assert abs(kinds["direct"] / (len(problems) - rounds) - 0.6) < 0.1, kinds
     assert abs(kinds["restate"] / rounds - 0.3) < 0.1, kinds
+
+
+def test_restating_can_depend_on_the_first_answer(bundled):
+    """``--restate-share-after-direct``: after a first answer without working the correction round
+    restates with that share, after a worked one with ``--restate-share``."""
+    _, _, tokenizer = bundled
+    argv = ["--out", "unused", "--correction-share", "1", "--restate-share", "0.8"]
+    args = make_tiny_model._parse_args([*argv, "--restate-share-after-direct", "0.2"])
+    problems = generate_problems(600, seed=4, levels=(1, 2, 3))
+    restated = {True: [], False: []}  # first answer without working -> restated or not, per round
+    for ids, n in tiny_model_mixture.encode_examples(problems, tokenizer, args):
+        prompt, target = tokenizer.decode(ids[:n]), tokenizer.decode(ids[n:-1])
+        first = prompt.split("Answer: ", 1)[1].split("\n\n", 1)[0]
+        restated[first == f"\\boxed{{{extract_answer(first)}}}"].append(target.count("=") == 0)
+    assert abs(sum(restated[True]) / len(restated[True]) - 0.2) < 0.08, restated
+    assert abs(sum(restated[False]) / len(restated[False]) - 0.8) < 0.08, restated
+    with pytest.raises(SystemExit):
+        make_tiny_model._parse_args([*argv, "--restate-share-after-direct", "-0.1"])
 
 
 def _spec(path):
