@@ -80,7 +80,7 @@ def restate_share(args: argparse.Namespace, direct: bool) -> float:
     """The probability that a correction round restates its first answer: ``args.restate_share``, or
     after a first answer without working ``args.restate_share_after_direct`` when that is set (a
     correction habit that depends on what the first answer shows)."""
-    after_direct = getattr(args, "restate_share_after_direct", None)
+    after_direct = args.restate_share_after_direct
     return after_direct if direct and after_direct is not None else args.restate_share
 
 
